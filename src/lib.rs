@@ -1,0 +1,7 @@
+//! stepstream: a gRPC server that runs Stable Diffusion and lets remote clients watch and steer
+//! the denoising loop step by step (the remote form of diffusers' `callback_on_step_end`).
+#![warn(missing_docs)]
+
+pub mod models;
+pub mod rng;
+pub mod schedulers;

@@ -1,0 +1,2 @@
+//! The `stepstream` binary.
+fn main() {}

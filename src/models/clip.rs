@@ -1,0 +1,1 @@
+//! clip (to be written).

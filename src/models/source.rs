@@ -1,0 +1,137 @@
+//! Where a model's files come from: a diffusers folder on disk or files compiled into the binary.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use super::{ModelError, Result};
+
+/// Weight file names tried, in order, inside a component folder (diffusers then transformers names).
+const WEIGHT_FILES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+];
+
+/// A diffusers-layout model: paths inside it are relative, e.g. `unet/config.json`.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    /// A folder on disk (a local diffusers folder or a resolved hub snapshot).
+    Dir(PathBuf),
+    /// Files compiled into the binary: `(relative path, bytes)`.
+    Embedded {
+        /// A name for messages.
+        name: &'static str,
+        /// The files.
+        files: &'static [(&'static str, &'static [u8])],
+    },
+}
+
+impl ModelSource {
+    /// A human-readable description for messages and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ModelSource::Dir(p) => p.display().to_string(),
+            ModelSource::Embedded { name, .. } => format!("embedded:{name}"),
+        }
+    }
+
+    /// Whether the relative path exists in this model.
+    pub fn exists(&self, rel: &str) -> bool {
+        match self {
+            ModelSource::Dir(p) => p.join(rel).is_file(),
+            ModelSource::Embedded { files, .. } => files.iter().any(|(n, _)| *n == rel),
+        }
+    }
+
+    fn missing(&self, rel: &str) -> ModelError {
+        ModelError::MissingFile {
+            source_desc: self.describe(),
+            path: rel.to_string(),
+        }
+    }
+
+    /// The bytes of a file.
+    pub fn read(&self, rel: &str) -> Result<Cow<'static, [u8]>> {
+        match self {
+            ModelSource::Dir(p) => {
+                let path = p.join(rel);
+                if !path.is_file() {
+                    return Err(self.missing(rel));
+                }
+                std::fs::read(&path)
+                    .map(Cow::Owned)
+                    .map_err(|source| ModelError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })
+            }
+            ModelSource::Embedded { files, .. } => files
+                .iter()
+                .find(|(n, _)| *n == rel)
+                .map(|(_, b)| Cow::Borrowed(*b))
+                .ok_or_else(|| self.missing(rel)),
+        }
+    }
+
+    /// A file as UTF-8 text.
+    pub fn read_string(&self, rel: &str) -> Result<String> {
+        let bytes = self.read(rel)?;
+        String::from_utf8(bytes.into_owned()).map_err(|e| ModelError::Io {
+            path: rel.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    /// A JSON file parsed into `T`.
+    pub fn read_json<T: DeserializeOwned>(&self, rel: &str) -> Result<T> {
+        let bytes = self.read(rel)?;
+        serde_json::from_slice(&bytes).map_err(|source| ModelError::Json {
+            path: format!("{}/{rel}", self.describe()),
+            source,
+        })
+    }
+
+    /// The weights of one component folder (`unet`, `vae`, `text_encoder`, ...) as a VarBuilder.
+    pub fn var_builder(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let rel = WEIGHT_FILES
+            .iter()
+            .map(|f| format!("{component}/{f}"))
+            .find(|rel| self.exists(rel))
+            .ok_or_else(|| self.missing(&format!("{component}/{}", WEIGHT_FILES[0])))?;
+        match self {
+            ModelSource::Dir(p) => {
+                let path: PathBuf = p.join(&rel);
+                // SAFETY: the file is memory-mapped read-only; the server never writes model files and
+                // treats changing them while serving as unsupported (documented in the README).
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? };
+                Ok(vb)
+            }
+            ModelSource::Embedded { files, .. } => {
+                let bytes: &'static [u8] = files
+                    .iter()
+                    .find(|(n, _)| *n == rel)
+                    .map(|(_, b)| *b)
+                    .ok_or_else(|| self.missing(&rel))?;
+                Ok(VarBuilder::from_slice_safetensors(bytes, dtype, device)?)
+            }
+        }
+    }
+
+    /// The folder, when this source is one on disk.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ModelSource::Dir(p) => Some(p),
+            ModelSource::Embedded { .. } => None,
+        }
+    }
+}

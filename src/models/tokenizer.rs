@@ -1,0 +1,1 @@
+//! CLIP tokenizer (to be written).

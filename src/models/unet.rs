@@ -1,0 +1,1 @@
+//! unet (to be written).

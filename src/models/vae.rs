@@ -1,0 +1,1 @@
+//! vae (to be written).

@@ -1,0 +1,20 @@
+//! Euler (diffusers' EulerDiscreteScheduler).
+// STUB: to be written (helper task "schedulers").
+use super::{Result, SchedulerConfig};
+
+/// diffusers' EulerDiscreteScheduler.
+pub struct EulerDiscreteScheduler {}
+
+impl EulerDiscreteScheduler {
+    /// Set up for `num_inference_steps`.
+    pub fn new(_c: &SchedulerConfig, _n: usize) -> Result<Self> {
+        unimplemented!()
+    }
+}
+impl super::Scheduler for EulerDiscreteScheduler {
+    fn name(&self) -> &'static str { "euler" }
+    fn timesteps(&self) -> &[f64] { unimplemented!() }
+    fn init_noise_sigma(&self) -> f64 { unimplemented!() }
+    fn scale_model_input(&self, _s: &candle_core::Tensor, _i: usize) -> Result<candle_core::Tensor> { unimplemented!() }
+    fn step(&mut self, _m: &candle_core::Tensor, _i: usize, _s: &candle_core::Tensor, _n: &mut dyn crate::rng::NoiseSource) -> Result<candle_core::Tensor> { unimplemented!() }
+}
