@@ -1,0 +1,107 @@
+//! Shared helpers for the golden-data tests: read a recorded diffusers case and compare tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+/// The project's test fixtures folder.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A diffusers model folder shipped in the fixtures (e.g. `tiny-sd15`).
+pub fn model_dir(model: &str) -> PathBuf {
+    fixtures().join("models").join(model)
+}
+
+/// One recorded diffusers run: its JSON description and all its tensors.
+pub struct Case {
+    /// The case's JSON (see the golden README, "How to read a case").
+    pub json: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Case {
+    /// Loads `tests/fixtures/cases/<model>/<name>.{json,safetensors}`.
+    pub fn load(model: &str, name: &str) -> Case {
+        let base = fixtures().join("cases").join(model).join(name);
+        let json: Value = serde_json::from_slice(
+            &std::fs::read(base.with_extension("json")).expect("case json"),
+        )
+        .expect("case json parses");
+        let tensors = candle_core::safetensors::load(base.with_extension("safetensors"), &Device::Cpu)
+            .expect("case safetensors");
+        Case { json, tensors }
+    }
+
+    /// A stored tensor by its stored name, as f32 (image_u8 stays u8).
+    pub fn tensor(&self, name: &str) -> Tensor {
+        let t = self
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor `{name}` in case"))
+            .clone();
+        if t.dtype() == DType::U8 {
+            t
+        } else {
+            t.to_dtype(DType::F32).unwrap()
+        }
+    }
+
+    /// The JSON of executed step `k` (index into `steps`, which lists executed steps only).
+    pub fn step(&self, k: usize) -> &Value {
+        &self.json["steps"][k]
+    }
+
+    /// The tensor a step's JSON names at `path`, e.g. `["unet", "sample"]` or `["callback_in", "latents"]`.
+    pub fn step_tensor(&self, k: usize, path: &[&str]) -> Tensor {
+        let mut v = self.step(k);
+        for p in path {
+            v = &v[*p];
+        }
+        let name = v
+            .as_str()
+            .unwrap_or_else(|| panic!("step {k} has no tensor at {path:?}"));
+        self.tensor(name)
+    }
+
+    /// Number of executed steps recorded.
+    pub fn num_steps(&self) -> usize {
+        self.json["steps"].as_array().map(|a| a.len()).unwrap_or(0)
+    }
+}
+
+/// max |a - b| over all elements (shapes must match).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a - r| / max(1, max |r|): the golden README's measure for latents that grow large.
+pub fn rel_diff(a: &Tensor, reference: &Tensor) -> f32 {
+    let scale = reference
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(a, reference) / scale
+}
