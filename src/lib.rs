@@ -2,6 +2,11 @@
 //! the denoising loop step by step (the remote form of diffusers' `callback_on_step_end`).
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod models;
+pub mod pipeline;
+pub mod proto;
 pub mod rng;
 pub mod schedulers;
+pub mod server;
+pub mod tensor;

@@ -2,6 +2,9 @@
 //! config-driven CLIP text encoder, UNet and VAE, and the CLIP tokenizer.
 
 pub mod clip;
+pub mod embedded;
+pub mod hub;
+pub mod pipeline_model;
 pub mod source;
 pub mod tokenizer;
 pub mod unet;

@@ -1,0 +1,488 @@
+//! One worker thread per device owns the loaded models and runs one generation at a time from a
+//! bounded queue. Sessions talk to it through channels; at each subscribed step the worker sends
+//! a `StepEnd` and (unless observe-only) blocks, with a deadline, for the session's reply.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::models::pipeline_model::StableDiffusionModel;
+use crate::models::{ModelError, ModelSource};
+use crate::pipeline::sd::{self, GenerateParams};
+use crate::pipeline::{CallbackError, NoCallback, PipelineError};
+use crate::proto;
+
+mod bridge;
+
+pub use bridge::Subscription;
+
+/// Errors of a request's life in the engine (and of its validation); the server maps each to a
+/// gRPC status in one place.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum EngineError {
+    /// A request field is invalid.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest {
+        /// The field, e.g. `start.width`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The model id is not served.
+    #[error("unknown model `{name}`; served models: {}", available.join(", "))]
+    UnknownModel {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: Vec<String>,
+    },
+    /// The queue is full.
+    #[error("the generation queue is full ({capacity} running or waiting); retry later")]
+    QueueFull {
+        /// Running plus waiting slots.
+        capacity: usize,
+    },
+    /// A reply did not come in time and the request said to abort.
+    #[error("no valid reply for step {step_index} within {timeout_ms} ms")]
+    ReplyTimeout {
+        /// The step waited on.
+        step_index: usize,
+        /// The deadline used.
+        timeout_ms: u64,
+    },
+    /// The client went away.
+    #[error("cancelled by the client")]
+    Cancelled,
+    /// The client broke the session protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server is shutting down or the worker is gone.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or a failure inside the model code.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<PipelineError> for EngineError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::InvalidRequest { field, reason } => EngineError::InvalidRequest {
+                field: format!("start.{field}"),
+                reason,
+            },
+            PipelineError::Callback(CallbackError::Cancelled) => EngineError::Cancelled,
+            PipelineError::Callback(CallbackError::ReplyTimeout {
+                step_index,
+                timeout_ms,
+            }) => EngineError::ReplyTimeout {
+                step_index,
+                timeout_ms,
+            },
+            PipelineError::Callback(CallbackError::Protocol(m)) => EngineError::Protocol(m),
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// How the engine is set up.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The device the worker runs on.
+    pub device: Device,
+    /// The compute dtype.
+    pub dtype: DType,
+    /// Models to load, `(id, files)`; the first is the default.
+    pub models: Vec<(String, ModelSource)>,
+    /// Generations allowed to wait behind the running one.
+    pub max_queue: usize,
+    /// Reply deadline when a request sets none.
+    pub default_reply_timeout: Duration,
+    /// The longest reply deadline a request may ask for.
+    pub max_reply_timeout: Duration,
+    /// The largest tensor a client may send, in bytes.
+    pub max_tensor_bytes: usize,
+}
+
+/// A cancellation flag shared by a session and its job.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    /// Marks the job cancelled.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What the worker sends back to a session.
+pub type EngineEvent = Result<proto::ServerMessage, EngineError>;
+
+/// A session's end of a job: where events go and where replies come from.
+pub struct SessionLink {
+    /// Events to the client (Accepted, StepEnd, ReplyRejected, Completed) or the final error.
+    pub events: mpsc::Sender<EngineEvent>,
+    /// The client's replies, in arrival order; closed when the client is gone.
+    pub replies: mpsc::Receiver<proto::StepReply>,
+    /// Set when the client is gone.
+    pub cancel: CancelFlag,
+}
+
+/// One generation waiting for the worker.
+pub struct Job {
+    /// The id reported to the client.
+    pub request_id: String,
+    /// Index of the model in the engine's list.
+    pub model_index: usize,
+    /// The validated request.
+    pub params: GenerateParams,
+    /// Callback subscription (`None`: no StepEnd at all).
+    pub subscription: Option<Subscription>,
+    /// Whether to send the final latents.
+    pub return_latents: bool,
+    /// The session's channels.
+    pub link: SessionLink,
+    /// The admission permit; dropping it frees the slot.
+    pub permit: OwnedSemaphorePermit,
+    /// When the job was admitted.
+    pub admitted: Instant,
+    /// The request's tracing span.
+    pub span: tracing::Span,
+}
+
+/// The engine as the server sees it: model cards, admission, submission.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: std::sync::mpsc::Sender<Job>,
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    models: Arc<Vec<proto::ModelInfo>>,
+    config: Arc<EngineConfig>,
+}
+
+impl Engine {
+    /// Starts the worker thread, loads every model on it and returns once they are ready
+    /// (or with the load error, so a bad model fails at start).
+    pub async fn start(config: EngineConfig) -> Result<Engine, ModelError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+        let handle = tokio::runtime::Handle::current();
+        let worker_config = config.clone();
+        std::thread::Builder::new()
+            .name(format!("stepstream-worker-{:?}", config.device.location()))
+            .spawn(move || worker(worker_config, handle, jobs_rx, ready_tx))
+            .map_err(|source| ModelError::Io {
+                path: "worker thread".into(),
+                source,
+            })?;
+        let models = ready_rx.await.map_err(|_| {
+            ModelError::Hub("the worker thread died while loading models".into())
+        })??;
+        let capacity = 1 + config.max_queue;
+        Ok(Engine {
+            jobs: jobs_tx,
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            models: Arc::new(models),
+            config: Arc::new(config),
+        })
+    }
+
+    /// The served models; the first is the default.
+    pub fn models(&self) -> &[proto::ModelInfo] {
+        &self.models
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Finds a model by id ("" = the default).
+    pub fn find_model(&self, id: &str) -> Result<(usize, &proto::ModelInfo), EngineError> {
+        if id.is_empty() {
+            return Ok((0, &self.models[0]));
+        }
+        self.models
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.id == id)
+            .ok_or_else(|| EngineError::UnknownModel {
+                name: id.to_string(),
+                available: self.models.iter().map(|m| m.id.clone()).collect(),
+            })
+    }
+
+    /// Takes a running-or-waiting slot, or fails at once with `QueueFull`.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::QueueFull {
+                capacity: self.capacity,
+            })
+    }
+
+    /// Number of free slots (running + waiting) right now.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Hands a job to the worker.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| EngineError::Unavailable("the worker thread has stopped".into()))
+    }
+}
+
+fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
+    proto::ModelInfo {
+        id: m.id.clone(),
+        family: m.family.as_str().into(),
+        default_width: m.defaults.width,
+        default_height: m.defaults.height,
+        default_steps: m.defaults.steps,
+        default_guidance_scale: m.defaults.guidance_scale,
+        default_scheduler: m.defaults.scheduler.into(),
+        schedulers: crate::schedulers::SCHEDULER_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        callback_tensor_inputs: m
+            .callback_tensor_inputs()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        prediction_type: m.scheduler_config.prediction_type.clone(),
+        dtype: format!("{:?}", m.dtype).to_lowercase(),
+        device: match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            other => format!("{other:?}"),
+        },
+    }
+}
+
+fn worker(
+    config: EngineConfig,
+    handle: tokio::runtime::Handle,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    ready: oneshot::Sender<Result<Vec<proto::ModelInfo>, ModelError>>,
+) {
+    let mut models = Vec::new();
+    for (id, source) in &config.models {
+        let t0 = Instant::now();
+        match StableDiffusionModel::load(id.clone(), source, &config.device, config.dtype) {
+            Ok(m) => {
+                tracing::info!(model = %id, source = %source.describe(), ms = t0.elapsed().as_millis() as u64, "model loaded");
+                models.push(m);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+    }
+    // Warm up: one tiny denoising step per model, so the first request pays no first-use cost.
+    for m in &models {
+        if let Err(e) = warm_up(m) {
+            tracing::warn!(model = %m.id, error = %e, "warm-up failed");
+        }
+    }
+    let cards = models.iter().map(|m| model_card(m, &config.device)).collect();
+    if ready.send(Ok(cards)).is_err() {
+        return;
+    }
+    while let Ok(job) = jobs.recv() {
+        let span = job.span.clone();
+        let _enter = span.enter();
+        if job.link.cancel.is_cancelled() || job.link.events.is_closed() {
+            tracing::info!(request_id = %job.request_id, "client left while queued; dropped before running");
+            continue;
+        }
+        let events = job.link.events.clone();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_job(&models[job.model_index], &config, &handle, job)
+        }));
+        let result = match outcome {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                tracing::error!(error = %msg, "generation panicked");
+                Err(EngineError::Internal(format!("generation panicked: {msg}")))
+            }
+        };
+        if let Err(e) = result {
+            tracing::info!(error = %e, "generation ended with an error");
+            let _ = handle.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), events.send(Err(e))).await
+            });
+        }
+    }
+}
+
+fn warm_up(m: &StableDiffusionModel) -> Result<(), PipelineError> {
+    let vsf = m.vae_scale_factor();
+    let params = GenerateParams {
+        prompt: String::new(),
+        negative_prompt: None,
+        prompt_embeds: None,
+        negative_prompt_embeds: None,
+        num_inference_steps: 1,
+        guidance_scale: 7.5,
+        guidance_rescale: 0.0,
+        width: vsf * 8,
+        height: vsf * 8,
+        seed: 0,
+        scheduler: String::new(),
+        num_images_per_prompt: 1,
+        latents: None,
+        eta: 0.0,
+        decode: true,
+    };
+    sd::prepare(m, &params)?.run(&mut NoCallback)?;
+    Ok(())
+}
+
+fn run_job(
+    model: &StableDiffusionModel,
+    config: &EngineConfig,
+    handle: &tokio::runtime::Handle,
+    job: Job,
+) -> Result<(), EngineError> {
+    let Job {
+        request_id,
+        params,
+        subscription,
+        return_latents,
+        mut link,
+        permit,
+        admitted,
+        ..
+    } = job;
+    let queue_ms = admitted.elapsed().as_secs_f64() * 1e3;
+    let prepared = sd::prepare(model, &params)?;
+    let timesteps = prepared.timesteps();
+    if let Some(sub) = &subscription {
+        if let Some(&bad) = sub.step_indices.iter().find(|&&i| i as usize >= timesteps.len()) {
+            return Err(EngineError::InvalidRequest {
+                field: "start.callback.step_indices".into(),
+                reason: format!(
+                    "step index {bad} is out of range: this request has {} timesteps (0..{})",
+                    timesteps.len(),
+                    timesteps.len()
+                ),
+            });
+        }
+    }
+    let wire = subscription
+        .as_ref()
+        .map(|s| s.wire_dtype)
+        .unwrap_or(proto::DType::F32);
+    let initial = prepared.callback_tensors();
+    let tensor_specs = subscription
+        .as_ref()
+        .map(|s| {
+            s.tensor_inputs
+                .iter()
+                .filter_map(|n| {
+                    initial.get(n).map(|t| proto::TensorSpec {
+                        name: n.clone(),
+                        dtype: wire as i32,
+                        shape: t.dims().iter().map(|&d| d as i64).collect(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let accepted = proto::ServerMessage {
+        kind: Some(proto::server_message::Kind::Accepted(proto::Accepted {
+            request_id: request_id.clone(),
+            model: model.id.clone(),
+            seed: params.seed,
+            timesteps: timesteps.clone(),
+            callback_tensor_inputs: model
+                .callback_tensor_inputs()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            width: params.width as u32,
+            height: params.height as u32,
+            guidance_scale: params.guidance_scale as f32,
+            scheduler: prepared.scheduler_name().into(),
+            tensor_specs,
+        })),
+    };
+    let send_timeout = subscription
+        .as_ref()
+        .map(|s| s.reply_timeout)
+        .unwrap_or(config.default_reply_timeout);
+    bridge::send_event(handle, &link.events, Ok(accepted), send_timeout)?;
+
+    let output = match &subscription {
+        Some(sub) => {
+            let mut cb = bridge::SessionCallback::new(
+                &mut link,
+                sub,
+                handle,
+                config.max_tensor_bytes,
+            );
+            prepared.run(&mut cb)?
+        }
+        None => {
+            let mut cb = bridge::CancelOnly(&link);
+            prepared.run(&mut cb)?
+        }
+    };
+    let latents = if return_latents {
+        Some(
+            crate::tensor::encode(&output.latents, proto::DType::F32)
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let completed = proto::Completed {
+        images: output
+            .images
+            .into_iter()
+            .map(|i| proto::Image {
+                data: i.png,
+                mime_type: "image/png".into(),
+                width: i.width,
+                height: i.height,
+            })
+            .collect(),
+        latents,
+        interrupted: output.interrupted,
+        seed: params.seed,
+        request_id,
+        timings: Some(proto::Timings {
+            queue_ms,
+            encode_ms: output.timings.encode_ms,
+            denoise_ms: output.timings.denoise_ms,
+            callback_wait_ms: output.timings.callback_wait_ms,
+            decode_ms: output.timings.decode_ms,
+        }),
+    };
+    // Free the slot before the (possibly slow) final send: the GPU work is done.
+    drop(permit);
+    let msg = proto::ServerMessage {
+        kind: Some(proto::server_message::Kind::Completed(completed)),
+    };
+    bridge::send_event(handle, &link.events, Ok(msg), send_timeout)?;
+    Ok(())
+}

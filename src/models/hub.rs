@@ -1,0 +1,166 @@
+//! Resolving `--model` values: a local diffusers folder, or a hub id (`org/name[@revision]`)
+//! fetched through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only).
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use super::{ModelError, ModelSource, Result};
+
+/// Files a Stable Diffusion 1.x/2.x diffusers repo needs; `(path, required)`.
+const SD_FILES: &[(&str, bool)] = &[
+    ("model_index.json", true),
+    ("scheduler/scheduler_config.json", true),
+    ("tokenizer/vocab.json", true),
+    ("tokenizer/merges.txt", true),
+    ("tokenizer/tokenizer_config.json", false),
+    ("tokenizer/special_tokens_map.json", false),
+    ("text_encoder/config.json", true),
+    ("text_encoder/model.safetensors", true),
+    ("unet/config.json", true),
+    ("unet/diffusion_pytorch_model.safetensors", true),
+    ("vae/config.json", true),
+    ("vae/diffusion_pytorch_model.safetensors", true),
+];
+
+/// A parsed hub model id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubId {
+    /// `org/name`.
+    pub repo: String,
+    /// Branch, tag or commit; `main` when not given.
+    pub revision: String,
+}
+
+impl HubId {
+    /// Parses `org/name` or `org/name@revision`; `None` when `spec` is not of that form.
+    pub fn parse(spec: &str) -> Option<HubId> {
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => return None,
+            None => (spec, "main"),
+        };
+        let (org, name) = repo.split_once('/')?;
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !s.starts_with('.')
+        };
+        if !ok(org) || !ok(name) {
+            return None;
+        }
+        Some(HubId {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+}
+
+/// Whether `HF_HUB_OFFLINE` asks for cache-only resolution.
+pub fn offline_from_env() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE").ok().as_deref().map(str::to_ascii_lowercase).as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
+}
+
+/// Resolves a `--model` value into its id and files: an existing folder first, then a hub id.
+pub fn resolve(spec: &str) -> Result<(String, ModelSource)> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let canonical = path.canonicalize().map_err(|source| ModelError::Io {
+            path: spec.to_string(),
+            source,
+        })?;
+        let id = canonical
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string());
+        return Ok((id, ModelSource::Dir(canonical)));
+    }
+    let hub = HubId::parse(spec).ok_or_else(|| {
+        ModelError::Hub(format!(
+            "`{spec}` is neither a folder nor a hub id of the form org/name[@revision]"
+        ))
+    })?;
+    let dir = if offline_from_env() {
+        resolve_from_cache(&Cache::from_env(), &hub)?
+    } else {
+        download(&hub)?
+    };
+    Ok((spec.split('@').next().unwrap_or(spec).to_string(), ModelSource::Dir(dir)))
+}
+
+/// Finds every needed file of `hub` in the local cache and returns the snapshot folder.
+pub fn resolve_from_cache(cache: &Cache, hub: &HubId) -> Result<PathBuf> {
+    let repo = Repo::with_revision(hub.repo.clone(), RepoType::Model, hub.revision.clone());
+    let folder = cache.path().join(repo.folder_name());
+    // A revision is either a ref (refs/<name> holds the commit) or a commit hash itself.
+    let commit = std::fs::read_to_string(folder.join("refs").join(&hub.revision))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| hub.revision.clone());
+    let snapshot = folder.join("snapshots").join(&commit);
+    for (file, required) in SD_FILES {
+        if *required && !snapshot.join(file).is_file() {
+            return Err(ModelError::Hub(format!(
+                "{}@{} is not fully in the cache at {} (missing {file}); unset HF_HUB_OFFLINE to download it",
+                hub.repo,
+                hub.revision,
+                cache.path().display()
+            )));
+        }
+    }
+    Ok(snapshot)
+}
+
+/// Downloads (or finds in the cache) every needed file of `hub` and returns the snapshot folder.
+fn download(hub: &HubId) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| ModelError::Hub(e.to_string()))?;
+    let repo = api.repo(Repo::with_revision(
+        hub.repo.clone(),
+        RepoType::Model,
+        hub.revision.clone(),
+    ));
+    let mut snapshot = None;
+    for (file, required) in SD_FILES {
+        match repo.get(file) {
+            Ok(p) => {
+                if *file == "model_index.json" {
+                    snapshot = p.parent().map(Path::to_path_buf);
+                }
+            }
+            Err(e) if *required => {
+                return Err(ModelError::Hub(format!("{}: {file}: {e}", hub.repo)));
+            }
+            Err(_) => {}
+        }
+    }
+    snapshot.ok_or_else(|| ModelError::Hub(format!("{}: no model_index.json", hub.repo)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_parse_with_and_without_revision() {
+        assert_eq!(
+            HubId::parse("org/name"),
+            Some(HubId {
+                repo: "org/name".into(),
+                revision: "main".into()
+            })
+        );
+        assert_eq!(
+            HubId::parse("stabilityai/sd-turbo@fp16").unwrap().revision,
+            "fp16"
+        );
+        for bad in ["name", "org/", "/name", "a/b/c", "org/name@", "../x/y", "o rg/n"] {
+            assert_eq!(HubId::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! A whole text-to-image model loaded from a diffusers folder: tokenizer, text encoder, UNet, VAE,
+//! scheduler config, and the defaults and facts a client can ask about.
+
+use candle_core::{DType, Device};
+use serde::Deserialize;
+
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::tokenizer::ClipTokenizer;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKl, VaeConfig};
+use super::{ModelError, ModelSource, Result};
+use crate::schedulers::{self, SchedulerConfig};
+
+/// Which pipeline family a model belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-wide cross attention).
+    Sd1,
+    /// Stable Diffusion 2.x (OpenCLIP-H text encoder, 1024-wide cross attention).
+    Sd2,
+    /// Stable Diffusion XL (two text encoders, text_time conditioning).
+    Sdxl,
+}
+
+impl Family {
+    /// The wire name (`sd1`, `sd2`, `sdxl`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Sd1 => "sd1",
+            Family::Sd2 => "sd2",
+            Family::Sdxl => "sdxl",
+        }
+    }
+}
+
+/// `model_index.json`: only the fields we read.
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+}
+
+/// The defaults a model advertises (ListModels) and requests fall back to.
+#[derive(Clone, Debug)]
+pub struct ModelDefaults {
+    /// Native width in pixels (unet sample_size × VAE scale factor).
+    pub width: u32,
+    /// Native height in pixels.
+    pub height: u32,
+    /// diffusers' default number of inference steps.
+    pub steps: u32,
+    /// diffusers' default guidance scale.
+    pub guidance_scale: f32,
+    /// The scheduler used when a request names none.
+    pub scheduler: &'static str,
+}
+
+/// A loaded Stable Diffusion 1.x/2.x model, ready to run on its device.
+pub struct StableDiffusionModel {
+    /// The id clients use (folder name, hub id, or the embedded model's name).
+    pub id: String,
+    /// The pipeline family.
+    pub family: Family,
+    /// The prompt tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The text encoder.
+    pub text_encoder: ClipTextModel,
+    /// The text encoder's config.
+    pub text_config: ClipTextConfig,
+    /// The denoising UNet.
+    pub unet: UNet2DConditionModel,
+    /// The UNet's config.
+    pub unet_config: UNetConfig,
+    /// The VAE (decoder used).
+    pub vae: AutoencoderKl,
+    /// The VAE's config (scaling factor, upcast).
+    pub vae_config: VaeConfig,
+    /// The model's own scheduler config.
+    pub scheduler_config: SchedulerConfig,
+    /// What requests fall back to.
+    pub defaults: ModelDefaults,
+    /// The device the weights live on.
+    pub device: Device,
+    /// The compute dtype.
+    pub dtype: DType,
+}
+
+/// The tensors a callback may read and replace for SD 1.x/2.x (diffusers' `_callback_tensor_inputs`).
+pub const SD_CALLBACK_TENSOR_INPUTS: &[&str] = &["latents", "prompt_embeds", "negative_prompt_embeds"];
+
+impl StableDiffusionModel {
+    /// Loads every component named in `model_index.json` from `source` onto `device` in `dtype`.
+    pub fn load(id: String, source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let index: ModelIndex = source.read_json("model_index.json")?;
+        let unet_config = UNetConfig::load(source, "unet")?;
+        let family = match index.class_name.as_str() {
+            "StableDiffusionPipeline" => {
+                if unet_config.cross_attention_dim == 1024 {
+                    Family::Sd2
+                } else {
+                    Family::Sd1
+                }
+            }
+            "StableDiffusionXLPipeline" => {
+                return Err(ModelError::Unsupported {
+                    path: format!("{}/model_index.json", source.describe()),
+                    reason: "StableDiffusionXLPipeline is not supported by this build yet".into(),
+                })
+            }
+            other => {
+                return Err(ModelError::Unsupported {
+                    path: format!("{}/model_index.json", source.describe()),
+                    reason: format!("pipeline class `{other}` (supported: StableDiffusionPipeline)"),
+                })
+            }
+        };
+        let scheduler_bytes = source.read("scheduler/scheduler_config.json")?;
+        let scheduler_config = SchedulerConfig::from_json_bytes(&scheduler_bytes).map_err(|e| {
+            ModelError::Unsupported {
+                path: format!("{}/scheduler/scheduler_config.json", source.describe()),
+                reason: e.to_string(),
+            }
+        })?;
+        let tokenizer = ClipTokenizer::load(source, "tokenizer")?;
+        let text_config = ClipTextConfig::load(source, "text_encoder")?;
+        let text_encoder = ClipTextModel::new(source.var_builder("text_encoder", dtype, device)?, &text_config)?;
+        let unet = UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
+        let vae_config = VaeConfig::load(source, "vae")?;
+        // The VAE decodes in f32 when its config asks for it (SDXL's overflows in f16).
+        let vae_dtype = if vae_config.force_upcast { DType::F32 } else { dtype };
+        let vae = AutoencoderKl::new(source.var_builder("vae", vae_dtype, device)?, &vae_config)?;
+
+        let vae_scale = vae_scale_factor(&vae_config);
+        let native = (unet_config.sample_size * vae_scale) as u32;
+        let default_scheduler = schedulers::name_for_class(&scheduler_config.class_name).unwrap_or_else(|| {
+            tracing::warn!(
+                model = %id,
+                class = %scheduler_config.class_name,
+                "scheduler class not implemented; requests without a scheduler name use ddim"
+            );
+            "ddim"
+        });
+        Ok(Self {
+            id,
+            family,
+            tokenizer,
+            text_encoder,
+            text_config,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            defaults: ModelDefaults {
+                width: native,
+                height: native,
+                steps: 50,
+                guidance_scale: 7.5,
+                scheduler: default_scheduler,
+            },
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Pixels per latent cell along each axis.
+    pub fn vae_scale_factor(&self) -> usize {
+        vae_scale_factor(&self.vae_config)
+    }
+
+    /// The width of the text encoder's embeddings (the UNet's cross-attention width).
+    pub fn text_encoder_hidden_size(&self) -> usize {
+        self.text_config.hidden_size
+    }
+
+    /// Latent channels the UNet denoises.
+    pub fn unet_in_channels(&self) -> usize {
+        self.unet_config.in_channels
+    }
+
+    /// The tensors a callback may read and replace.
+    pub fn callback_tensor_inputs(&self) -> &'static [&'static str] {
+        SD_CALLBACK_TENSOR_INPUTS
+    }
+}
+
+/// diffusers' `vae_scale_factor = 2 ** (len(block_out_channels) - 1)`.
+fn vae_scale_factor(cfg: &VaeConfig) -> usize {
+    1usize << cfg.block_out_channels.len().saturating_sub(1)
+}

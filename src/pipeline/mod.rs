@@ -1,0 +1,254 @@
+//! One text-to-image generation: prompt encoding, the CFG denoising loop with diffusers'
+//! `callback_on_step_end` semantics, and VAE decode. Knows nothing of gRPC: the loop calls a
+//! [`StepCallback`] at every step end and applies the [`StepControl`] it returns.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use crate::models::ModelError;
+use crate::schedulers::SchedulerError;
+
+pub mod sd;
+
+/// Errors that end a generation.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The request is inconsistent with the model (field named, reason given).
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest {
+        /// The request field at fault.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The callback ended the generation (client gone, reply deadline passed, ...).
+    #[error(transparent)]
+    Callback(#[from] CallbackError),
+    /// The scheduler failed.
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    /// A model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Encoding the output image failed.
+    #[error("image encoding failed: {0}")]
+    Image(String),
+}
+
+/// Why a callback stopped the loop.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum CallbackError {
+    /// The client went away (half-close, cancel, disconnect).
+    #[error("the client ended the session")]
+    Cancelled,
+    /// No valid reply came before the deadline and the request said to abort.
+    #[error("no valid reply for step {step_index} within {timeout_ms} ms")]
+    ReplyTimeout {
+        /// The step waited on.
+        step_index: usize,
+        /// The deadline used.
+        timeout_ms: u64,
+    },
+    /// The client broke the protocol in a way that cannot be answered with ReplyRejected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The tensors a callback sees and may replace, by diffusers' names.
+pub type CallbackTensors = BTreeMap<String, Tensor>;
+
+/// The loop's state at the end of a step, as diffusers' callback sees it.
+pub struct StepState<'a> {
+    /// The step just finished (0-based).
+    pub step_index: usize,
+    /// Its timestep.
+    pub timestep: f64,
+    /// `len(scheduler.timesteps)`.
+    pub num_timesteps: usize,
+    /// The guidance scale in force (diffusers' `pipe.guidance_scale`).
+    pub guidance_scale: f64,
+    /// Whether this step ran classifier-free guidance.
+    pub do_classifier_free_guidance: bool,
+    /// All callback tensors as the loop holds them after this step (post-step latents).
+    pub tensors: &'a CallbackTensors,
+    /// Server time spent on the step, in milliseconds.
+    pub step_ms: f64,
+    /// Number of images in the batch (latents' batch size).
+    pub batch: usize,
+}
+
+/// What a callback asks the loop to change from the next step on.
+#[derive(Debug, Default)]
+pub struct StepControl {
+    /// diffusers' `pipe._guidance_scale = x`.
+    pub guidance_scale: Option<f64>,
+    /// Replacement tensors by name; names left out stay as they were.
+    pub tensors: Vec<(String, Tensor)>,
+    /// diffusers' `pipe._interrupt = True`.
+    pub interrupt: bool,
+}
+
+/// A reply that cannot be applied: the field at fault and why (sent as ReplyRejected).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Rejection {
+    /// E.g. `tensors[prompt_embeds]`.
+    pub field: String,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl Rejection {
+    /// A rejection of `field` for `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The per-step hook: the pipeline's side of diffusers' `callback_on_step_end`.
+pub trait StepCallback {
+    /// Whether the generation should stop now (checked at every step boundary).
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// Whether step `step_index` is reported to the callback at all.
+    fn wants(&self, step_index: usize) -> bool;
+    /// Called after step `state.step_index`; what it returns is applied before the next step.
+    /// Implementations validate candidate replies with [`validate_control`] and retry on rejection.
+    fn on_step_end(&mut self, state: &StepState<'_>) -> Result<StepControl, CallbackError>;
+}
+
+/// A callback that observes nothing and changes nothing.
+pub struct NoCallback;
+
+impl StepCallback for NoCallback {
+    fn wants(&self, _: usize) -> bool {
+        false
+    }
+    fn on_step_end(&mut self, _: &StepState<'_>) -> Result<StepControl, CallbackError> {
+        Ok(StepControl::default())
+    }
+}
+
+/// Checks a candidate [`StepControl`] against the loop state: only allowed names, each tensor the
+/// shape the loop needs, and `prompt_embeds` consistent with the batch the new guidance implies.
+/// Nothing is applied when this fails.
+pub fn validate_control(
+    state: &StepState<'_>,
+    allowed: &[String],
+    control: &StepControl,
+) -> Result<(), Rejection> {
+    if let Some(g) = control.guidance_scale {
+        if !g.is_finite() {
+            return Err(Rejection::new("guidance_scale", "must be finite"));
+        }
+    }
+    let new_guidance = control.guidance_scale.unwrap_or(state.guidance_scale);
+    let new_cfg = new_guidance > 1.0;
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, t) in &control.tensors {
+        let field = format!("tensors[{name}]");
+        if !allowed.iter().any(|a| a == name) {
+            return Err(Rejection::new(
+                field,
+                format!(
+                    "not a subscribed tensor (this request's tensor_inputs: [{}])",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(Rejection::new(field, "given twice"));
+        }
+        let current = state.tensors.get(name);
+        match name.as_str() {
+            "latents" => {
+                let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
+                if t.dims() != cur.dims() {
+                    return Err(Rejection::new(
+                        field,
+                        format!("shape {:?} must equal the latents' shape {:?}", t.dims(), cur.dims()),
+                    ));
+                }
+            }
+            "prompt_embeds" => {
+                let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
+                let want_batch = if new_cfg { 2 * state.batch } else { state.batch };
+                let cd = cur.dims();
+                let td = t.dims();
+                if td.len() != 3 || td[1] != cd[1] || td[2] != cd[2] {
+                    return Err(Rejection::new(
+                        field,
+                        format!("shape {td:?} must be [batch, {}, {}]", cd[1], cd[2]),
+                    ));
+                }
+                if td[0] != want_batch {
+                    return Err(Rejection::new(
+                        field,
+                        batch_reason(new_guidance, new_cfg, state.batch, td[0]),
+                    ));
+                }
+            }
+            "negative_prompt_embeds" => {
+                let pe = state
+                    .tensors
+                    .get("prompt_embeds")
+                    .ok_or_else(|| Rejection::new(&field, "not available"))?;
+                let pd = pe.dims();
+                let td = t.dims();
+                if td != [state.batch, pd[1], pd[2]] {
+                    return Err(Rejection::new(
+                        field,
+                        format!("shape {td:?} must be [{}, {}, {}]", state.batch, pd[1], pd[2]),
+                    ));
+                }
+            }
+            _ => {
+                return Err(Rejection::new(field, "this pipeline cannot replace it"));
+            }
+        }
+    }
+    // A guidance change that flips CFG must come with prompt_embeds of the new batch size.
+    let replaces_embeds = control.tensors.iter().any(|(n, _)| n == "prompt_embeds");
+    if !replaces_embeds {
+        if let Some(pe) = state.tensors.get("prompt_embeds") {
+            let want_batch = if new_cfg { 2 * state.batch } else { state.batch };
+            let have = pe.dims()[0];
+            if have != want_batch {
+                let field = if allowed.iter().any(|a| a == "prompt_embeds") {
+                    "guidance_scale"
+                } else {
+                    "guidance_scale (subscribe to prompt_embeds to change it)"
+                };
+                return Err(Rejection::new(
+                    field,
+                    batch_reason(new_guidance, new_cfg, state.batch, have),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn batch_reason(guidance: f64, cfg: bool, batch: usize, have: usize) -> String {
+    if cfg {
+        format!(
+            "guidance_scale {guidance} runs classifier-free guidance, so prompt_embeds must be \
+             [negative; positive] with batch {} (got {have})",
+            2 * batch
+        )
+    } else {
+        format!(
+            "guidance_scale {guidance} (<= 1) turns classifier-free guidance off, so prompt_embeds \
+             must hold only the conditional half with batch {batch} (got {have}); send \
+             prompt_embeds[{batch}:] with this reply"
+        )
+    }
+}

@@ -1,0 +1,494 @@
+//! diffusers' StableDiffusionPipeline (SD 1.x / 2.x), step for step.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{
+    CallbackTensors, PipelineError, StepCallback, StepControl, StepState,
+};
+use crate::models::pipeline_model::StableDiffusionModel;
+use crate::rng::NoiseGenerator;
+use crate::schedulers::{self, Scheduler, SchedulerOptions};
+
+/// A validated generation request, in pipeline terms.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// The prompt (ignored when `prompt_embeds` is given).
+    pub prompt: String,
+    /// The negative prompt; `None` is diffusers' `None` (for SD 1.x/2.x the same as "").
+    pub negative_prompt: Option<String>,
+    /// Precomputed prompt embeddings `[B, S, D]` instead of the prompt.
+    pub prompt_embeds: Option<Tensor>,
+    /// Precomputed negative embeddings, same shape as `prompt_embeds`.
+    pub negative_prompt_embeds: Option<Tensor>,
+    /// Denoising steps.
+    pub num_inference_steps: usize,
+    /// Initial guidance scale (CFG when > 1).
+    pub guidance_scale: f64,
+    /// diffusers' guidance_rescale (0: off).
+    pub guidance_rescale: f64,
+    /// Output width in pixels.
+    pub width: usize,
+    /// Output height in pixels.
+    pub height: usize,
+    /// Seed of the documented generator (initial noise, then sampler noise).
+    pub seed: u64,
+    /// Scheduler name ("" = the model's own).
+    pub scheduler: String,
+    /// Images per prompt.
+    pub num_images_per_prompt: usize,
+    /// Initial latents `[B*N, C, H/8, W/8]` instead of seeded noise (unscaled, like diffusers' `latents=`).
+    pub latents: Option<Tensor>,
+    /// DDIM eta.
+    pub eta: f64,
+    /// Whether to VAE-decode to PNG (false: latents only).
+    pub decode: bool,
+}
+
+/// Timings of one generation, in milliseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    /// Prompt encoding.
+    pub encode_ms: f64,
+    /// The whole denoising loop, callback waits included.
+    pub denoise_ms: f64,
+    /// Time inside the callback (waiting for replies), part of `denoise_ms`.
+    pub callback_wait_ms: f64,
+    /// VAE decode and image encoding.
+    pub decode_ms: f64,
+}
+
+/// One encoded output image.
+#[derive(Clone, Debug)]
+pub struct EncodedImage {
+    /// PNG bytes.
+    pub png: Vec<u8>,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// What a finished generation produced.
+#[derive(Debug)]
+pub struct GenerationOutput {
+    /// PNG images (empty when decoding was not asked for).
+    pub images: Vec<EncodedImage>,
+    /// The final latents, before VAE scaling (diffusers' output_type="latent").
+    pub latents: Tensor,
+    /// Whether a callback interrupted the loop.
+    pub interrupted: bool,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// A generation whose prompt is encoded and whose scheduler and latents are ready.
+pub struct Prepared<'m> {
+    model: &'m StableDiffusionModel,
+    scheduler: Box<dyn Scheduler>,
+    scheduler_name: &'static str,
+    noise: NoiseGenerator,
+    latents: Tensor,
+    prompt_embeds: Tensor,
+    negative_prompt_embeds: Option<Tensor>,
+    guidance_scale: f64,
+    guidance_rescale: f64,
+    batch: usize,
+    decode: bool,
+    encode_ms: f64,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> PipelineError {
+    PipelineError::InvalidRequest {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Encodes `text` with the model's tokenizer and text encoder: `[1, 77, D]` f32.
+fn encode_text(model: &StableDiffusionModel, text: &str) -> Result<Tensor, PipelineError> {
+    let ids = model.tokenizer.encode(text)?;
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, (1, n), &model.device)?;
+    let out = model.text_encoder.forward(&ids)?;
+    Ok(out.last_hidden_state.to_dtype(DType::F32)?)
+}
+
+/// `[B, S, D]` -> `[B*N, S, D]` with each prompt's rows repeated N times in a row (diffusers' order).
+fn repeat_per_prompt(t: &Tensor, n: usize) -> Result<Tensor, PipelineError> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let (b, s, d) = t.dims3()?;
+    Ok(t.unsqueeze(1)?
+        .broadcast_as((b, n, s, d))?
+        .contiguous()?
+        .reshape((b * n, s, d))?)
+}
+
+/// diffusers' `rescale_noise_cfg`: rescales the guided prediction to the conditional one's std.
+fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, rescale: f64) -> Result<Tensor, PipelineError> {
+    let std = |t: &Tensor| -> candle_core::Result<Tensor> {
+        // torch.std over all dims but the batch, unbiased.
+        let b = t.dim(0)?;
+        let flat = t.reshape((b, ()))?;
+        let n = flat.dim(1)? as f64;
+        let mean = flat.mean_keepdim(1)?;
+        let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n - 1.0))?;
+        var.sqrt()
+    };
+    let rank = cfg.rank();
+    let shape_b: Vec<usize> = std::iter::once(cfg.dim(0)?)
+        .chain(std::iter::repeat(1).take(rank - 1))
+        .collect();
+    let std_text = std(text)?.reshape(shape_b.as_slice())?;
+    let std_cfg = std(cfg)?.reshape(shape_b.as_slice())?;
+    let rescaled = cfg.broadcast_mul(&std_text.broadcast_div(&std_cfg)?)?;
+    Ok(((rescaled * rescale)? + (cfg * (1.0 - rescale))?)?)
+}
+
+/// Prepares a generation: checks the request against the model, encodes the prompt, builds the
+/// scheduler and the initial latents.
+pub fn prepare<'m>(
+    model: &'m StableDiffusionModel,
+    params: &GenerateParams,
+) -> Result<Prepared<'m>, PipelineError> {
+    let device = &model.device;
+    let vsf = model.vae_scale_factor();
+    if params.width == 0 || params.height == 0 || params.width % vsf != 0 || params.height % vsf != 0 {
+        return Err(invalid(
+            "width/height",
+            format!(
+                "{}x{} must be positive multiples of {vsf}",
+                params.width, params.height
+            ),
+        ));
+    }
+    let n_img = params.num_images_per_prompt.max(1);
+    let scheduler_name = if params.scheduler.is_empty() {
+        model.defaults.scheduler
+    } else {
+        schedulers::SCHEDULER_NAMES
+            .iter()
+            .copied()
+            .find(|n| *n == params.scheduler)
+            .ok_or_else(|| {
+                invalid(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler `{}`; valid names: {}",
+                        params.scheduler,
+                        schedulers::SCHEDULER_NAMES.join(", ")
+                    ),
+                )
+            })?
+    };
+    let scheduler = schedulers::build(
+        scheduler_name,
+        &model.scheduler_config,
+        params.num_inference_steps,
+        &SchedulerOptions { eta: params.eta },
+    )
+    .map_err(|e| invalid("scheduler", e.to_string()))?;
+
+    // Prompt embeddings, diffusers' encode_prompt.
+    let t0 = Instant::now();
+    let cfg = params.guidance_scale > 1.0;
+    let hidden = model.text_encoder_hidden_size();
+    let check_embeds = |field: &str, t: &Tensor| -> Result<(), PipelineError> {
+        match t.dims() {
+            [b, s, d] if *b >= 1 && *s >= 1 && *d == hidden => Ok(()),
+            dims => Err(invalid(
+                field,
+                format!("shape {dims:?} must be [batch, seq, {hidden}]"),
+            )),
+        }
+    };
+    let positive = match &params.prompt_embeds {
+        Some(pe) => {
+            check_embeds("prompt_embeds", pe)?;
+            pe.to_dtype(DType::F32)?.to_device(device)?
+        }
+        None => encode_text(model, &params.prompt)?,
+    };
+    let b = positive.dim(0)?;
+    let negative = if cfg {
+        Some(match &params.negative_prompt_embeds {
+            Some(ne) => {
+                check_embeds("negative_prompt_embeds", ne)?;
+                if ne.dims() != positive.dims() {
+                    return Err(invalid(
+                        "negative_prompt_embeds",
+                        format!(
+                            "shape {:?} must equal prompt_embeds' shape {:?}",
+                            ne.dims(),
+                            positive.dims()
+                        ),
+                    ));
+                }
+                ne.to_dtype(DType::F32)?.to_device(device)?
+            }
+            None => {
+                let text = params.negative_prompt.as_deref().unwrap_or("");
+                let one = encode_text(model, text)?;
+                if one.dim(1)? != positive.dim(1)? {
+                    return Err(invalid(
+                        "prompt_embeds",
+                        format!(
+                            "sequence length {} differs from the tokenizer's {}; pass negative_prompt_embeds too",
+                            positive.dim(1)?,
+                            one.dim(1)?
+                        ),
+                    ));
+                }
+                if b == 1 {
+                    one
+                } else {
+                    repeat_per_prompt(&one, b)?
+                }
+            }
+        })
+    } else {
+        None
+    };
+    let positive = repeat_per_prompt(&positive, n_img)?;
+    let negative = negative.map(|t| repeat_per_prompt(&t, n_img)).transpose()?;
+    let prompt_embeds = match &negative {
+        Some(neg) => Tensor::cat(&[neg, &positive], 0)?,
+        None => positive,
+    };
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    // Initial latents.
+    let batch = b * n_img;
+    let shape = (
+        batch,
+        model.unet_in_channels(),
+        params.height / vsf,
+        params.width / vsf,
+    );
+    let mut noise = NoiseGenerator::new(params.seed);
+    let latents = match &params.latents {
+        Some(l) => {
+            let want = [shape.0, shape.1, shape.2, shape.3];
+            if l.dims() != want {
+                return Err(invalid(
+                    "latents",
+                    format!("shape {:?} must be {want:?} for this request", l.dims()),
+                ));
+            }
+            l.to_dtype(DType::F32)?.to_device(device)?
+        }
+        None => {
+            let v = noise.randn_vec(shape.0 * shape.1 * shape.2 * shape.3);
+            Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?
+        }
+    };
+    let latents = (latents * scheduler.init_noise_sigma())?;
+    Ok(Prepared {
+        model,
+        scheduler,
+        scheduler_name,
+        noise,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds: negative,
+        guidance_scale: params.guidance_scale,
+        guidance_rescale: params.guidance_rescale,
+        batch,
+        decode: params.decode,
+        encode_ms,
+    })
+}
+
+impl Prepared<'_> {
+    /// The scheduler's timesteps, in loop order.
+    pub fn timesteps(&self) -> Vec<f64> {
+        self.scheduler.timesteps().to_vec()
+    }
+
+    /// The name of the scheduler in use.
+    pub fn scheduler_name(&self) -> &'static str {
+        self.scheduler_name
+    }
+
+    /// The callback tensors as they stand before step 0 (names, shapes).
+    pub fn callback_tensors(&self) -> CallbackTensors {
+        let mut m = CallbackTensors::new();
+        m.insert("latents".into(), self.latents.clone());
+        m.insert("prompt_embeds".into(), self.prompt_embeds.clone());
+        if let Some(n) = &self.negative_prompt_embeds {
+            m.insert("negative_prompt_embeds".into(), n.clone());
+        }
+        m
+    }
+
+    /// Runs the denoising loop, calling `callback` after each step, then decodes.
+    pub fn run(mut self, callback: &mut dyn StepCallback) -> Result<GenerationOutput, PipelineError> {
+        let model = self.model;
+        let timesteps = self.timesteps();
+        let num_timesteps = timesteps.len();
+        let mut timings = Timings {
+            encode_ms: self.encode_ms,
+            ..Timings::default()
+        };
+        let loop_start = Instant::now();
+        let mut interrupted = false;
+        let mut embeds_compute = self.prompt_embeds.to_dtype(model.dtype)?;
+        for (i, &t) in timesteps.iter().enumerate() {
+            if interrupted {
+                continue;
+            }
+            if callback.cancelled() {
+                return Err(super::CallbackError::Cancelled.into());
+            }
+            let step_start = Instant::now();
+            let cfg = self.guidance_scale > 1.0 && model.unet_config.time_cond_proj_dim.is_none();
+            let x = if cfg {
+                Tensor::cat(&[&self.latents, &self.latents], 0)?
+            } else {
+                self.latents.clone()
+            };
+            let x = self.scheduler.scale_model_input(&x, i)?;
+            let eps = model
+                .unet
+                .forward(&x.to_dtype(model.dtype)?, t, &embeds_compute, None)?
+                .to_dtype(DType::F32)?;
+            let eps = if cfg {
+                let b = self.latents.dim(0)?;
+                let uncond = eps.narrow(0, 0, b)?;
+                let text = eps.narrow(0, b, b)?;
+                let guided = (&uncond + ((&text - &uncond)? * self.guidance_scale)?)?;
+                if self.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, &text, self.guidance_rescale)?
+                } else {
+                    guided
+                }
+            } else {
+                eps
+            };
+            self.latents = self.scheduler.step(&eps, i, &self.latents, &mut self.noise)?;
+            if callback.wants(i) {
+                let tensors = self.callback_tensors();
+                let state = StepState {
+                    step_index: i,
+                    timestep: t,
+                    num_timesteps,
+                    guidance_scale: self.guidance_scale,
+                    do_classifier_free_guidance: cfg,
+                    tensors: &tensors,
+                    step_ms: step_start.elapsed().as_secs_f64() * 1e3,
+                    batch: self.batch,
+                };
+                let wait_start = Instant::now();
+                let control = callback.on_step_end(&state)?;
+                timings.callback_wait_ms += wait_start.elapsed().as_secs_f64() * 1e3;
+                interrupted |= control.interrupt;
+                if self.apply(control)? {
+                    embeds_compute = self.prompt_embeds.to_dtype(model.dtype)?;
+                }
+            }
+        }
+        timings.denoise_ms = loop_start.elapsed().as_secs_f64() * 1e3;
+
+        let decode_start = Instant::now();
+        let images = if self.decode {
+            decode_images(model, &self.latents)?
+        } else {
+            Vec::new()
+        };
+        timings.decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
+        Ok(GenerationOutput {
+            images,
+            latents: self.latents,
+            interrupted,
+            timings,
+        })
+    }
+}
+
+impl Prepared<'_> {
+    /// Applies a validated control; returns whether `prompt_embeds` changed.
+    fn apply(&mut self, control: StepControl) -> Result<bool, PipelineError> {
+        if let Some(g) = control.guidance_scale {
+            self.guidance_scale = g;
+        }
+        let mut embeds_changed = false;
+        for (name, t) in control.tensors {
+            let t = t.to_dtype(DType::F32)?.to_device(&self.model.device)?;
+            match name.as_str() {
+                "latents" => self.latents = t,
+                "prompt_embeds" => {
+                    self.prompt_embeds = t;
+                    embeds_changed = true;
+                }
+                // Kept for later callbacks to read; like diffusers, the loop itself only uses prompt_embeds.
+                "negative_prompt_embeds" => self.negative_prompt_embeds = Some(t),
+                other => {
+                    return Err(PipelineError::InvalidRequest {
+                        field: format!("tensors[{other}]"),
+                        reason: "not a callback tensor of this pipeline".into(),
+                    })
+                }
+            }
+        }
+        Ok(embeds_changed)
+    }
+}
+
+/// VAE-decodes latents and encodes each image as PNG, the way diffusers' `output_type="pil"` does:
+/// `(vae.decode(latents / scaling_factor) / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` (ties to even).
+pub fn decode_images(
+    model: &StableDiffusionModel,
+    latents: &Tensor,
+) -> Result<Vec<super::sd::EncodedImage>, PipelineError> {
+    let image = decode_to_unit(model, latents)?;
+    let (b, c, h, w) = image.dims4()?;
+    let hwc = (image.permute((0, 2, 3, 1))? * 255.0)?.contiguous()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let vals = hwc.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = vals.iter().map(|v| v.round_ties_even() as u8).collect();
+        let color = match c {
+            3 => image::ExtendedColorType::Rgb8,
+            1 => image::ExtendedColorType::L8,
+            4 => image::ExtendedColorType::Rgba8,
+            _ => {
+                return Err(PipelineError::Image(format!(
+                    "cannot encode an image with {c} channels"
+                )))
+            }
+        };
+        let mut png = Vec::new();
+        image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut png),
+            &bytes,
+            w as u32,
+            h as u32,
+            color,
+        )
+        .map_err(|e| PipelineError::Image(e.to_string()))?;
+        out.push(EncodedImage {
+            png,
+            width: w as u32,
+            height: h as u32,
+        });
+    }
+    Ok(out)
+}
+
+/// The decoded image batch as f32 NCHW in [0, 1] (diffusers' `output_type="pt"` values).
+pub fn decode_to_unit(model: &StableDiffusionModel, latents: &Tensor) -> Result<Tensor, PipelineError> {
+    let vae_dtype = if model.vae_config.force_upcast {
+        DType::F32
+    } else {
+        model.dtype
+    };
+    let mut z = (latents / model.vae_config.scaling_factor)?;
+    if let Some(shift) = model.vae_config.shift_factor {
+        z = (z + shift)?;
+    }
+    let x = model.vae.decode(&z.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+    Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}

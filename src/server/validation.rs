@@ -1,0 +1,269 @@
+//! Request validation: a wire `GenerateRequest` becomes pipeline parameters and a callback
+//! subscription, or an error naming the field. Nothing heavy is allocated before the checks pass.
+
+use std::time::Duration;
+
+use crate::engine::{EngineError, Subscription};
+use crate::pipeline::sd::GenerateParams;
+use crate::proto;
+
+/// Limits requests are checked against.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most denoising steps.
+    pub max_steps: u32,
+    /// Largest width or height in pixels.
+    pub max_side: u32,
+    /// Most images per request.
+    pub max_images: u32,
+    /// Longest prompt in bytes.
+    pub max_prompt_bytes: usize,
+    /// Largest tensor a client may send, in bytes.
+    pub max_tensor_bytes: usize,
+    /// Reply deadline when the request sets none.
+    pub default_reply_timeout: Duration,
+    /// Longest reply deadline a request may ask for.
+    pub max_reply_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_steps: 1000,
+            max_side: 2048,
+            max_images: 16,
+            max_prompt_bytes: 16 * 1024,
+            max_tensor_bytes: 64 * 1024 * 1024,
+            default_reply_timeout: Duration::from_secs(30),
+            max_reply_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> EngineError {
+    EngineError::InvalidRequest {
+        field: format!("start.{field}"),
+        reason: reason.into(),
+    }
+}
+
+/// A random u64 from the OS-seeded hasher keys (for unset seeds and request ids).
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// The validated parts of a request.
+#[derive(Debug)]
+pub struct Validated {
+    /// Pipeline parameters.
+    pub params: GenerateParams,
+    /// The callback subscription, when the request set `callback`.
+    pub subscription: Option<Subscription>,
+    /// Whether to send the final latents.
+    pub return_latents: bool,
+}
+
+/// Checks `req` against the model card and limits.
+pub fn validate(
+    req: &proto::GenerateRequest,
+    model: &proto::ModelInfo,
+    limits: &Limits,
+) -> Result<Validated, EngineError> {
+    if req.prompt.len() > limits.max_prompt_bytes {
+        return Err(invalid(
+            "prompt",
+            format!(
+                "{} bytes exceeds the limit of {}",
+                req.prompt.len(),
+                limits.max_prompt_bytes
+            ),
+        ));
+    }
+    if let Some(n) = &req.negative_prompt {
+        if n.len() > limits.max_prompt_bytes {
+            return Err(invalid(
+                "negative_prompt",
+                format!("{} bytes exceeds the limit of {}", n.len(), limits.max_prompt_bytes),
+            ));
+        }
+    }
+    let decode_opt = |field: &str, t: &Option<proto::Tensor>| {
+        t.as_ref()
+            .map(|t| crate::tensor::decode(t, limits.max_tensor_bytes))
+            .transpose()
+            .map_err(|e| invalid(field, e.to_string()))
+    };
+    if req.prompt_embeds.is_some() && !req.prompt.is_empty() {
+        return Err(invalid(
+            "prompt_embeds",
+            "give either prompt or prompt_embeds, not both",
+        ));
+    }
+    if req.negative_prompt_embeds.is_some() && req.negative_prompt.is_some() {
+        return Err(invalid(
+            "negative_prompt_embeds",
+            "give either negative_prompt or negative_prompt_embeds, not both",
+        ));
+    }
+    if req.negative_prompt_embeds.is_some() && req.prompt_embeds.is_none() {
+        return Err(invalid(
+            "negative_prompt_embeds",
+            "only allowed together with prompt_embeds",
+        ));
+    }
+    let steps = if req.num_inference_steps == 0 {
+        model.default_steps
+    } else {
+        req.num_inference_steps
+    };
+    if steps > limits.max_steps {
+        return Err(invalid(
+            "num_inference_steps",
+            format!("{steps} exceeds the limit of {}", limits.max_steps),
+        ));
+    }
+    let guidance = req.guidance_scale.unwrap_or(model.default_guidance_scale);
+    if !guidance.is_finite() {
+        return Err(invalid("guidance_scale", "must be finite"));
+    }
+    let guidance_rescale = req.guidance_rescale.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(invalid("guidance_rescale", "must be in [0, 1]"));
+    }
+    let eta = req.eta.unwrap_or(0.0);
+    if !eta.is_finite() || eta < 0.0 {
+        return Err(invalid("eta", "must be finite and >= 0"));
+    }
+    let width = req.width.unwrap_or(model.default_width);
+    let height = req.height.unwrap_or(model.default_height);
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % 8 != 0 {
+            return Err(invalid(name, format!("{v} must be a positive multiple of 8")));
+        }
+        if v > limits.max_side {
+            return Err(invalid(
+                name,
+                format!("{v} exceeds the limit of {}", limits.max_side),
+            ));
+        }
+    }
+    let images = req.num_images_per_prompt.max(1);
+    if images > limits.max_images {
+        return Err(invalid(
+            "num_images_per_prompt",
+            format!("{images} exceeds the limit of {}", limits.max_images),
+        ));
+    }
+    if !req.scheduler.is_empty() && !model.schedulers.iter().any(|s| *s == req.scheduler) {
+        return Err(invalid(
+            "scheduler",
+            format!(
+                "unknown scheduler `{}`; valid names: {}",
+                req.scheduler,
+                model.schedulers.join(", ")
+            ),
+        ));
+    }
+    let output = req.output.clone().unwrap_or_default();
+    let format = proto::ImageFormat::try_from(output.format)
+        .map_err(|_| invalid("output.format", format!("unknown value {}", output.format)))?;
+    let decode = format != proto::ImageFormat::None;
+    let subscription = req
+        .callback
+        .as_ref()
+        .map(|c| validate_callback(c, model, limits))
+        .transpose()?;
+    let params = GenerateParams {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        prompt_embeds: decode_opt("prompt_embeds", &req.prompt_embeds)?,
+        negative_prompt_embeds: decode_opt("negative_prompt_embeds", &req.negative_prompt_embeds)?,
+        num_inference_steps: steps as usize,
+        guidance_scale: guidance as f64,
+        guidance_rescale: guidance_rescale as f64,
+        width: width as usize,
+        height: height as usize,
+        seed: req.seed.unwrap_or_else(random_u64),
+        scheduler: req.scheduler.clone(),
+        num_images_per_prompt: images as usize,
+        latents: decode_opt("latents", &req.latents)?,
+        eta: eta as f64,
+        decode,
+    };
+    Ok(Validated {
+        params,
+        subscription,
+        return_latents: output.return_latents || !decode,
+    })
+}
+
+fn validate_callback(
+    c: &proto::CallbackOptions,
+    model: &proto::ModelInfo,
+    limits: &Limits,
+) -> Result<Subscription, EngineError> {
+    let mut names: Vec<String> = Vec::new();
+    for n in &c.tensor_inputs {
+        if !model.callback_tensor_inputs.iter().any(|a| a == n) {
+            return Err(invalid(
+                "callback.tensor_inputs",
+                format!(
+                    "`{n}` is not a callback tensor of model `{}`; allowed: {}",
+                    model.id,
+                    model.callback_tensor_inputs.join(", ")
+                ),
+            ));
+        }
+        if names.contains(n) {
+            return Err(invalid("callback.tensor_inputs", format!("`{n}` listed twice")));
+        }
+        names.push(n.clone());
+    }
+    let mut steps = c.step_indices.clone();
+    steps.sort_unstable();
+    steps.dedup();
+    let reply_timeout = if c.reply_timeout_ms == 0 {
+        limits.default_reply_timeout
+    } else {
+        Duration::from_millis(c.reply_timeout_ms as u64)
+    };
+    if reply_timeout > limits.max_reply_timeout {
+        return Err(invalid(
+            "callback.reply_timeout_ms",
+            format!(
+                "{} ms exceeds the server's maximum of {} ms",
+                reply_timeout.as_millis(),
+                limits.max_reply_timeout.as_millis()
+            ),
+        ));
+    }
+    let on_timeout = proto::TimeoutAction::try_from(c.on_timeout)
+        .map_err(|_| invalid("callback.on_timeout", format!("unknown value {}", c.on_timeout)))?;
+    let wire_dtype = match proto::DType::try_from(c.wire_dtype) {
+        Ok(proto::DType::Unspecified) => proto::DType::F32,
+        Ok(d) => d,
+        Err(_) => {
+            return Err(invalid(
+                "callback.wire_dtype",
+                format!("unknown value {}", c.wire_dtype),
+            ))
+        }
+    };
+    Ok(Subscription {
+        tensor_inputs: names,
+        step_indices: steps,
+        every: c.every,
+        observe_only: c.observe_only,
+        reply_timeout,
+        on_timeout,
+        wire_dtype,
+    })
+}

@@ -1,0 +1,265 @@
+//! Wire tensors (`stepstream.v1.Tensor`) to and from candle tensors. Every check (dtype, rank,
+//! dimensions, checked size arithmetic, byte length, size limit) runs before any allocation.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::proto;
+
+/// Why a wire tensor was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TensorError {
+    /// The dtype field is unset or unknown.
+    #[error("dtype must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16 (got {0})")]
+    DType(i32),
+    /// The shape is empty, too long, or has a non-positive dimension.
+    #[error("invalid shape {shape:?}: {reason}")]
+    Shape {
+        /// The shape as sent.
+        shape: Vec<i64>,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The tensor would exceed the server's size limit.
+    #[error("tensor of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The size it would need (saturated on overflow).
+        bytes: u128,
+        /// The limit.
+        limit: usize,
+    },
+    /// `data` does not hold exactly product(shape) * dtype size bytes.
+    #[error("data has {got} bytes but shape {shape:?} in {dtype} needs {expected}")]
+    ByteLength {
+        /// The shape as sent.
+        shape: Vec<i64>,
+        /// The dtype name.
+        dtype: &'static str,
+        /// The bytes needed.
+        expected: usize,
+        /// The bytes sent.
+        got: usize,
+    },
+    /// A value is NaN or infinite.
+    #[error("contains a non-finite value (NaN or infinity) at flat index {0}")]
+    NonFinite(usize),
+    /// Converting on the device failed.
+    #[error("tensor conversion failed: {0}")]
+    Candle(String),
+}
+
+/// The most dimensions a wire tensor may have.
+pub const MAX_RANK: usize = 8;
+
+/// The element size and name of a wire dtype, or an error for unset/unknown values.
+pub fn wire_dtype(dtype: i32) -> Result<(proto::DType, usize, &'static str), TensorError> {
+    match proto::DType::try_from(dtype) {
+        Ok(proto::DType::F32) => Ok((proto::DType::F32, 4, "f32")),
+        Ok(proto::DType::F16) => Ok((proto::DType::F16, 2, "f16")),
+        Ok(proto::DType::Bf16) => Ok((proto::DType::Bf16, 2, "bf16")),
+        _ => Err(TensorError::DType(dtype)),
+    }
+}
+
+/// Checks a wire tensor's header against `max_bytes` and returns its dims, without touching data.
+pub fn check_header(t: &proto::Tensor, max_bytes: usize) -> Result<Vec<usize>, TensorError> {
+    let (_, elem, name) = wire_dtype(t.dtype)?;
+    if t.shape.is_empty() || t.shape.len() > MAX_RANK {
+        return Err(TensorError::Shape {
+            shape: t.shape.clone(),
+            reason: "rank must be between 1 and 8",
+        });
+    }
+    let mut n: u128 = 1;
+    let mut dims = Vec::with_capacity(t.shape.len());
+    for &d in &t.shape {
+        if d <= 0 {
+            return Err(TensorError::Shape {
+                shape: t.shape.clone(),
+                reason: "every dimension must be positive",
+            });
+        }
+        n = n.saturating_mul(d as u128);
+        dims.push(d as usize);
+    }
+    let bytes = n.saturating_mul(elem as u128);
+    if bytes > max_bytes as u128 {
+        return Err(TensorError::TooLarge {
+            bytes,
+            limit: max_bytes,
+        });
+    }
+    let expected = bytes as usize;
+    if t.data.len() != expected {
+        return Err(TensorError::ByteLength {
+            shape: t.shape.clone(),
+            dtype: name,
+            expected,
+            got: t.data.len(),
+        });
+    }
+    Ok(dims)
+}
+
+/// Decodes a wire tensor into an f32 candle tensor on the CPU, refusing non-finite values.
+pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError> {
+    let dims = check_header(t, max_bytes)?;
+    let (dtype, _, _) = wire_dtype(t.dtype)?;
+    let values: Vec<f32> = match dtype {
+        proto::DType::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        proto::DType::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        proto::DType::Bf16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        proto::DType::Unspecified => unreachable!("rejected by wire_dtype"),
+    };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(TensorError::NonFinite(i));
+    }
+    Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| TensorError::Candle(e.to_string()))
+}
+
+/// Encodes a candle tensor (any float dtype, any device) as a wire tensor in `wire` dtype
+/// (`Unspecified` means F32).
+pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorError> {
+    let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
+    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+    let (wire, data) = match wire {
+        proto::DType::F16 => {
+            let v = t
+                .to_dtype(DType::F16)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1::<half::f16>())
+                .map_err(err)?;
+            let mut bytes = Vec::with_capacity(v.len() * 2);
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            (proto::DType::F16, bytes)
+        }
+        proto::DType::Bf16 => {
+            let v = t
+                .to_dtype(DType::BF16)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1::<half::bf16>())
+                .map_err(err)?;
+            let mut bytes = Vec::with_capacity(v.len() * 2);
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            (proto::DType::Bf16, bytes)
+        }
+        proto::DType::F32 | proto::DType::Unspecified => {
+            let v = t
+                .to_dtype(DType::F32)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1::<f32>())
+                .map_err(err)?;
+            let mut bytes = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            (proto::DType::F32, bytes)
+        }
+    };
+    Ok(proto::Tensor {
+        dtype: wire as i32,
+        shape,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(dtype: proto::DType, shape: Vec<i64>, data: Vec<u8>) -> proto::Tensor {
+        proto::Tensor {
+            dtype: dtype as i32,
+            shape,
+            data,
+        }
+    }
+
+    #[test]
+    fn f32_round_trip_is_exact() {
+        let t = Tensor::new(&[[1.5f32, -2.0], [0.25, 3.0]], &Device::Cpu).unwrap();
+        let w = encode(&t, proto::DType::F32).unwrap();
+        assert_eq!(w.shape, vec![2, 2]);
+        let back = decode(&w, 1 << 20).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn f16_and_bf16_round_trip_representable_values() {
+        let t = Tensor::new(&[1.5f32, -2.0, 0.25], &Device::Cpu).unwrap();
+        for d in [proto::DType::F16, proto::DType::Bf16] {
+            let w = encode(&t, d).unwrap();
+            assert_eq!(w.data.len(), 6);
+            let back = decode(&w, 1 << 20).unwrap();
+            assert_eq!(back.to_vec1::<f32>().unwrap(), vec![1.5, -2.0, 0.25]);
+        }
+    }
+
+    #[test]
+    fn unset_dtype_is_refused() {
+        let w = wire(proto::DType::Unspecified, vec![1], vec![0; 4]);
+        assert_eq!(decode(&w, 100).unwrap_err(), TensorError::DType(0));
+        let mut w = wire(proto::DType::F32, vec![1], vec![0; 4]);
+        w.dtype = 99;
+        assert_eq!(decode(&w, 100).unwrap_err(), TensorError::DType(99));
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        for shape in [vec![], vec![0], vec![2, -1], vec![1; 9]] {
+            let w = wire(proto::DType::F32, shape, vec![]);
+            assert!(matches!(
+                decode(&w, 100).unwrap_err(),
+                TensorError::Shape { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn byte_length_must_match_exactly() {
+        let w = wire(proto::DType::F32, vec![2, 2], vec![0; 15]);
+        assert_eq!(
+            decode(&w, 100).unwrap_err(),
+            TensorError::ByteLength {
+                shape: vec![2, 2],
+                dtype: "f32",
+                expected: 16,
+                got: 15
+            }
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_fail_before_allocating() {
+        let w = wire(proto::DType::F32, vec![i64::MAX, i64::MAX, 4], vec![]);
+        assert!(matches!(
+            decode(&w, 1 << 30).unwrap_err(),
+            TensorError::TooLarge { .. }
+        ));
+    }
+
+    #[test]
+    fn non_finite_values_are_refused() {
+        let mut data = Vec::new();
+        for v in [1.0f32, f32::NAN] {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        let w = wire(proto::DType::F32, vec![2], data);
+        assert_eq!(decode(&w, 100).unwrap_err(), TensorError::NonFinite(1));
+    }
+}
