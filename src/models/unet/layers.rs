@@ -1,0 +1,449 @@
+//! The UNet's building layers, written to follow diffusers' modules operation by operation
+//! (`Timesteps`, `TimestepEmbedding`, `ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`, `Upsample2D`).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use crate::models::Result;
+
+/// Epsilon of the transformers' input GroupNorm (fixed in diffusers' `Transformer2DModel`).
+const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
+/// Epsilon of `BasicTransformerBlock`'s LayerNorms (diffusers' default `norm_eps`).
+const TRANSFORMER_LAYER_NORM_EPS: f64 = 1e-5;
+
+/// diffusers' `get_timestep_embedding` in float32: `[sin | cos]` (or `[cos | sin]` when flipped) of
+/// `t * exp(-ln(10000) * i / (dim/2 - shift))`, one row per value of `timesteps`.
+pub(crate) fn timestep_embedding(
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    // torch: (-math.log(10000) * arange(half, f32)) / (half - shift), every operation in float32.
+    let neg_log = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((neg_log * i as f32) / denom).exp())
+        .collect();
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|&f| t * f).collect();
+        let sin = args.iter().map(|a| a.sin());
+        let cos = args.iter().map(|a| a.cos());
+        if flip_sin_to_cos {
+            data.extend(cos);
+            data.extend(sin);
+        } else {
+            data.extend(sin);
+            data.extend(cos);
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
+}
+
+/// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`, optionally followed by silu.
+#[derive(Debug)]
+pub(crate) struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    post_act: bool,
+}
+
+impl TimestepEmbedding {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, post_act: bool) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
+            post_act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?;
+        Ok(if self.post_act { x.silu()? } else { x })
+    }
+}
+
+/// GroupNorm with weights from `vb`.
+pub(crate) fn group_norm(
+    vb: VarBuilder,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+) -> Result<GroupNorm> {
+    Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
+}
+
+fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: pad,
+        stride,
+        ..Default::default()
+    };
+    Ok(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
+}
+
+/// A `kernel x kernel` convolution with "same" padding `(kernel - 1) / 2`.
+pub(crate) fn conv_same(vb: VarBuilder, cin: usize, cout: usize, kernel: usize) -> Result<Conv2d> {
+    conv(vb, cin, cout, kernel, 1, (kernel - 1) / 2)
+}
+
+/// diffusers' `ResnetBlock2D` (time_embedding_norm "default", silu, pre-norm).
+#[derive(Debug)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if cin != cout {
+            Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(vb.pp("norm1"), groups, cin, eps)?,
+            conv1: conv_same(vb.pp("conv1"), cin, cout, 3)?,
+            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(vb.pp("norm2"), groups, cout, eps)?,
+            conv2: conv_same(vb.pp("conv2"), cout, cout, 3)?,
+            conv_shortcut,
+            output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let x = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (x + h)?;
+        Ok(if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            (out / self.output_scale_factor)?
+        })
+    }
+}
+
+/// diffusers' `Attention` with the default processor: softmax(Q Kᵀ / sqrt(d)) V per head, then `to_out.0`.
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+    upcast: bool,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
+        })
+    }
+
+    /// `(b, n, inner)` -> `(b, heads, n, head_dim)`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let dtype = q.dtype();
+        let (q, k) = if self.upcast && dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// diffusers' `FeedForward` with GEGLU: `net.2(h * gelu_erf(gate))` where `[h | gate] = net.0.proj(x)`.
+#[derive(Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            inner,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.proj.forward(x)?;
+        let h = p.narrow(D::Minus1, 0, self.inner)?;
+        let gate = p.narrow(D::Minus1, self.inner, self.inner)?;
+        // Exact erf GELU like torch's F.gelu (candle's `gelu` is the tanh approximation).
+        let h = (h * gate.gelu_erf()?)?;
+        Ok(self.out.forward(&h)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` (layer_norm, self attention, cross attention, GEGLU feed-forward).
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let ln = |name: &str| -> Result<LayerNorm> {
+            Ok(candle_nn::layer_norm(
+                dim,
+                TRANSFORMER_LAYER_NORM_EPS,
+                vb.pp(name),
+            )?)
+        };
+        Ok(Self {
+            norm1: ln("norm1")?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, upcast)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross, heads, head_dim, upcast)?,
+            norm3: ln("norm3")?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
+        let x = (self.ff.forward(&self.norm3.forward(&x)?)? + x)?;
+        Ok(x)
+    }
+}
+
+/// `proj_in` / `proj_out`: a Linear on tokens or a 1x1 convolution on the feature map.
+#[derive(Debug)]
+enum Proj {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// diffusers' `Transformer2DModel` on continuous input (GroupNorm, proj_in, blocks, proj_out, residual).
+#[derive(Debug)]
+pub(crate) struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+    inner: usize,
+}
+
+/// Construction parameters of a [`Transformer2D`].
+pub(crate) struct Transformer2DParams {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub cross_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+impl Transformer2D {
+    pub fn new(vb: VarBuilder, p: &Transformer2DParams) -> Result<Self> {
+        let head_dim = p.channels / p.heads;
+        let inner = p.heads * head_dim;
+        let (proj_in, proj_out) = if p.linear_projection {
+            (
+                Proj::Linear(candle_nn::linear(p.channels, inner, vb.pp("proj_in"))?),
+                Proj::Linear(candle_nn::linear(inner, p.channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Proj::Conv(conv(vb.pp("proj_in"), p.channels, inner, 1, 1, 0)?),
+                Proj::Conv(conv(vb.pp("proj_out"), inner, p.channels, 1, 1, 0)?),
+            )
+        };
+        let blocks = (0..p.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i.to_string()),
+                    inner,
+                    p.heads,
+                    head_dim,
+                    p.cross_dim,
+                    p.upcast,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(
+                vb.pp("norm"),
+                p.groups,
+                p.channels,
+                TRANSFORMER_GROUP_NORM_EPS,
+            )?,
+            proj_in,
+            blocks,
+            proj_out,
+            inner,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let hs = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor, c: usize| -> Result<Tensor> {
+            Ok(t.permute((0, 2, 3, 1))?
+                .contiguous()?
+                .reshape((b, h * w, c))?)
+        };
+        let mut hs = match &self.proj_in {
+            Proj::Conv(c) => to_tokens(&c.forward(&hs)?, self.inner)?,
+            Proj::Linear(l) => l.forward(&to_tokens(&hs, hs.dim(1)?)?)?,
+        };
+        for block in &self.blocks {
+            hs = block.forward(&hs, context)?;
+        }
+        let to_map = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(2)?;
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(c) => c.forward(&to_map(&hs)?)?,
+            Proj::Linear(l) => to_map(&l.forward(&hs)?)?,
+        };
+        Ok((out + x)?)
+    }
+}
+
+/// diffusers' `Downsample2D` with a convolution: stride-2 3x3 conv (zero-padded right/bottom when padding is 0).
+#[derive(Debug)]
+pub(crate) struct Downsample2D {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_right_bottom {
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            Ok(self.conv.forward(&x)?)
+        } else {
+            Ok(self.conv.forward(x)?)
+        }
+    }
+}
+
+/// diffusers' `Upsample2D` with a convolution: nearest-neighbour 2x (or to a given size), then 3x3 conv.
+#[derive(Debug)]
+pub(crate) struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv_same(vb.pp("conv"), channels, channels, 3)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let x = x.upsample_nearest2d(th, tw)?;
+        Ok(self.conv.forward(&x)?)
+    }
+}
