@@ -53,9 +53,9 @@ pub const MAX_RANK: usize = 8;
 /// The element size and name of a wire dtype, or an error for unset/unknown values.
 pub fn wire_dtype(dtype: i32) -> Result<(proto::DType, usize, &'static str), TensorError> {
     match proto::DType::try_from(dtype) {
-        Ok(proto::DType::F32) => Ok((proto::DType::F32, 4, "f32")),
-        Ok(proto::DType::F16) => Ok((proto::DType::F16, 2, "f16")),
-        Ok(proto::DType::Bf16) => Ok((proto::DType::Bf16, 2, "bf16")),
+        Ok(proto::DType::DtypeF32) => Ok((proto::DType::DtypeF32, 4, "f32")),
+        Ok(proto::DType::DtypeF16) => Ok((proto::DType::DtypeF16, 2, "f16")),
+        Ok(proto::DType::DtypeBf16) => Ok((proto::DType::DtypeBf16, 2, "bf16")),
         _ => Err(TensorError::DType(dtype)),
     }
 }
@@ -105,22 +105,22 @@ pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError
     let dims = check_header(t, max_bytes)?;
     let (dtype, _, _) = wire_dtype(t.dtype)?;
     let values: Vec<f32> = match dtype {
-        proto::DType::F32 => t
+        proto::DType::DtypeF32 => t
             .data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        proto::DType::F16 => t
+        proto::DType::DtypeF16 => t
             .data
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        proto::DType::Bf16 => t
+        proto::DType::DtypeBf16 => t
             .data
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        proto::DType::Unspecified => unreachable!("rejected by wire_dtype"),
+        proto::DType::DtypeUnspecified => unreachable!("rejected by wire_dtype"),
     };
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(TensorError::NonFinite(i));
@@ -134,7 +134,7 @@ pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorErr
     let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
     let (wire, data) = match wire {
-        proto::DType::F16 => {
+        proto::DType::DtypeF16 => {
             let v = t
                 .to_dtype(DType::F16)
                 .and_then(|x| x.flatten_all())
@@ -144,9 +144,9 @@ pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorErr
             for x in v {
                 bytes.extend_from_slice(&x.to_le_bytes());
             }
-            (proto::DType::F16, bytes)
+            (proto::DType::DtypeF16, bytes)
         }
-        proto::DType::Bf16 => {
+        proto::DType::DtypeBf16 => {
             let v = t
                 .to_dtype(DType::BF16)
                 .and_then(|x| x.flatten_all())
@@ -156,9 +156,9 @@ pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorErr
             for x in v {
                 bytes.extend_from_slice(&x.to_le_bytes());
             }
-            (proto::DType::Bf16, bytes)
+            (proto::DType::DtypeBf16, bytes)
         }
-        proto::DType::F32 | proto::DType::Unspecified => {
+        proto::DType::DtypeF32 | proto::DType::DtypeUnspecified => {
             let v = t
                 .to_dtype(DType::F32)
                 .and_then(|x| x.flatten_all())
@@ -168,7 +168,7 @@ pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorErr
             for x in v {
                 bytes.extend_from_slice(&x.to_le_bytes());
             }
-            (proto::DType::F32, bytes)
+            (proto::DType::DtypeF32, bytes)
         }
     };
     Ok(proto::Tensor {
@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn f32_round_trip_is_exact() {
         let t = Tensor::new(&[[1.5f32, -2.0], [0.25, 3.0]], &Device::Cpu).unwrap();
-        let w = encode(&t, proto::DType::F32).unwrap();
+        let w = encode(&t, proto::DType::DtypeF32).unwrap();
         assert_eq!(w.shape, vec![2, 2]);
         let back = decode(&w, 1 << 20).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn f16_and_bf16_round_trip_representable_values() {
         let t = Tensor::new(&[1.5f32, -2.0, 0.25], &Device::Cpu).unwrap();
-        for d in [proto::DType::F16, proto::DType::Bf16] {
+        for d in [proto::DType::DtypeF16, proto::DType::DtypeBf16] {
             let w = encode(&t, d).unwrap();
             assert_eq!(w.data.len(), 6);
             let back = decode(&w, 1 << 20).unwrap();
@@ -212,9 +212,9 @@ mod tests {
 
     #[test]
     fn unset_dtype_is_refused() {
-        let w = wire(proto::DType::Unspecified, vec![1], vec![0; 4]);
+        let w = wire(proto::DType::DtypeUnspecified, vec![1], vec![0; 4]);
         assert_eq!(decode(&w, 100).unwrap_err(), TensorError::DType(0));
-        let mut w = wire(proto::DType::F32, vec![1], vec![0; 4]);
+        let mut w = wire(proto::DType::DtypeF32, vec![1], vec![0; 4]);
         w.dtype = 99;
         assert_eq!(decode(&w, 100).unwrap_err(), TensorError::DType(99));
     }
@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn bad_shapes_are_refused() {
         for shape in [vec![], vec![0], vec![2, -1], vec![1; 9]] {
-            let w = wire(proto::DType::F32, shape, vec![]);
+            let w = wire(proto::DType::DtypeF32, shape, vec![]);
             assert!(matches!(
                 decode(&w, 100).unwrap_err(),
                 TensorError::Shape { .. }
@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn byte_length_must_match_exactly() {
-        let w = wire(proto::DType::F32, vec![2, 2], vec![0; 15]);
+        let w = wire(proto::DType::DtypeF32, vec![2, 2], vec![0; 15]);
         assert_eq!(
             decode(&w, 100).unwrap_err(),
             TensorError::ByteLength {
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn absurd_sizes_fail_before_allocating() {
-        let w = wire(proto::DType::F32, vec![i64::MAX, i64::MAX, 4], vec![]);
+        let w = wire(proto::DType::DtypeF32, vec![i64::MAX, i64::MAX, 4], vec![]);
         assert!(matches!(
             decode(&w, 1 << 30).unwrap_err(),
             TensorError::TooLarge { .. }
@@ -259,7 +259,7 @@ mod tests {
         for v in [1.0f32, f32::NAN] {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        let w = wire(proto::DType::F32, vec![2], data);
+        let w = wire(proto::DType::DtypeF32, vec![2], data);
         assert_eq!(decode(&w, 100).unwrap_err(), TensorError::NonFinite(1));
     }
 }

@@ -15,6 +15,7 @@ use crate::models::{ModelError, ModelSource};
 use crate::pipeline::sd::{self, GenerateParams};
 use crate::pipeline::{CallbackError, NoCallback, PipelineError};
 use crate::proto;
+use crate::schedulers::config::PredictionType;
 
 mod bridge;
 
@@ -262,7 +263,12 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        prediction_type: m.scheduler_config.prediction_type.clone(),
+        prediction_type: match m.scheduler_config.prediction_type {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+        .into(),
         dtype: format!("{:?}", m.dtype).to_lowercase(),
         device: match device.location() {
             candle_core::DeviceLocation::Cpu => "cpu".into(),
@@ -391,7 +397,7 @@ fn run_job(
     let wire = subscription
         .as_ref()
         .map(|s| s.wire_dtype)
-        .unwrap_or(proto::DType::F32);
+        .unwrap_or(proto::DType::DtypeF32);
     let initial = prepared.callback_tensors();
     let tensor_specs = subscription
         .as_ref()
@@ -449,7 +455,7 @@ fn run_job(
     };
     let latents = if return_latents {
         Some(
-            crate::tensor::encode(&output.latents, proto::DType::F32)
+            crate::tensor::encode(&output.latents, proto::DType::DtypeF32)
                 .map_err(|e| EngineError::Internal(e.to_string()))?,
         )
     } else {

@@ -95,7 +95,7 @@ impl StableDiffusionModel {
         let unet_config = UNetConfig::load(source, "unet")?;
         let family = match index.class_name.as_str() {
             "StableDiffusionPipeline" => {
-                if unet_config.cross_attention_dim == 1024 {
+                if unet_config.cross_attention_dim.per_block(1) == Some(vec![1024]) {
                     Family::Sd2
                 } else {
                     Family::Sd1
@@ -131,7 +131,12 @@ impl StableDiffusionModel {
         let vae = AutoencoderKl::new(source.var_builder("vae", vae_dtype, device)?, &vae_config)?;
 
         let vae_scale = vae_scale_factor(&vae_config);
-        let native = (unet_config.sample_size * vae_scale) as u32;
+        let sample = match &unet_config.sample_size {
+            Some(super::unet::OneOrMany::One(s)) => *s,
+            Some(super::unet::OneOrMany::Many(v)) => v.first().copied().unwrap_or(64),
+            None => 64,
+        };
+        let native = (sample * vae_scale) as u32;
         let default_scheduler = schedulers::name_for_class(&scheduler_config.class_name).unwrap_or_else(|| {
             tracing::warn!(
                 model = %id,

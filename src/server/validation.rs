@@ -248,7 +248,7 @@ fn validate_callback(
     let on_timeout = proto::TimeoutAction::try_from(c.on_timeout)
         .map_err(|_| invalid("callback.on_timeout", format!("unknown value {}", c.on_timeout)))?;
     let wire_dtype = match proto::DType::try_from(c.wire_dtype) {
-        Ok(proto::DType::Unspecified) => proto::DType::F32,
+        Ok(proto::DType::DtypeUnspecified) => proto::DType::DtypeF32,
         Ok(d) => d,
         Err(_) => {
             return Err(invalid(
