@@ -105,3 +105,16 @@ pub fn rel_diff(a: &Tensor, reference: &Tensor) -> f32 {
         .max(1.0);
     max_abs_diff(a, reference) / scale
 }
+
+pub mod server;
+pub mod session;
+
+/// A candle tensor as a wire tensor (f32).
+pub fn wire(t: &Tensor) -> stepstream::proto::Tensor {
+    stepstream::tensor::encode(t, stepstream::proto::DType::DtypeF32).unwrap()
+}
+
+/// A wire tensor as a candle tensor.
+pub fn unwire(t: &stepstream::proto::Tensor) -> Tensor {
+    stepstream::tensor::decode(t, usize::MAX).unwrap()
+}

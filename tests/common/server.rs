@@ -1,0 +1,110 @@
+//! An in-process server on 127.0.0.1:0 and a real generated client, for protocol tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use stepstream::engine::{Engine, EngineConfig};
+use stepstream::models::ModelSource;
+use stepstream::proto::diffusion_client::DiffusionClient;
+use stepstream::server::{self, Limits, ServerConfig};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// How to set up a test server.
+#[derive(Clone)]
+pub struct Options {
+    /// Generations allowed to wait behind the running one.
+    pub max_queue: usize,
+    /// Default reply deadline.
+    pub reply_timeout: Duration,
+    /// Models to serve (default: the tiny SD 1.5 fixture folder).
+    pub models: Vec<(String, ModelSource)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_queue: 4,
+            reply_timeout: Duration::from_secs(20),
+            models: vec![(
+                "tiny-sd15".into(),
+                ModelSource::Dir(super::model_dir("tiny-sd15")),
+            )],
+        }
+    }
+}
+
+/// A running server; shuts down when dropped.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    /// A connected client.
+    pub async fn client(&self) -> DiffusionClient<Channel> {
+        DiffusionClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    /// A raw channel (for health and reflection clients).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Starts a server with `opts` on an ephemeral loopback port.
+pub async fn start(opts: Options) -> TestServer {
+    let limits = Limits {
+        default_reply_timeout: opts.reply_timeout,
+        ..Limits::default()
+    };
+    let engine = Engine::start(EngineConfig {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        models: opts.models,
+        max_queue: opts.max_queue,
+        default_reply_timeout: limits.default_reply_timeout,
+        max_reply_timeout: limits.max_reply_timeout,
+        max_tensor_bytes: limits.max_tensor_bytes,
+    })
+    .await
+    .expect("engine starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        server::serve(
+            engine,
+            ServerConfig {
+                limits,
+                ..ServerConfig::default()
+            },
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .expect("server runs");
+    });
+    TestServer {
+        addr,
+        shutdown: Some(tx),
+    }
+}

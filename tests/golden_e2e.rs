@@ -1,0 +1,192 @@
+//! Golden parity through the real gRPC server: the recorded diffusers runs of the tiny SD 1.5
+//! model, reproduced step by step by a remote client (tolerances from the golden README:
+//! per-step and final latents 1e-5 relative to max(1, max|ref|); PNG within 1 of 255).
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::session::{ok_reply, Session};
+use common::{rel_diff, unwire, wire, Case};
+use stepstream::proto::{self, server_message::Kind};
+
+const LATENTS_TOL: f32 = 1e-5;
+const EMBEDS_TOL: f32 = 1e-5;
+
+/// What the remote client does at a step (the case's recorded callback).
+fn reply_for(case: &Case, step: &proto::StepEnd) -> proto::StepReply {
+    let spec = &case.json["callback"]["spec"];
+    let mut reply = ok_reply(step.step_index);
+    let k = step.step_index as u64;
+    match spec["type"].as_str().unwrap_or("none") {
+        "sd_cfg_cutoff" if spec["cutoff_step"].as_u64() == Some(k) => {
+            // The client computes the cutoff itself, like SDCFGCutoffCallback.
+            let ratio = spec["cutoff_step_ratio"].as_f64().unwrap();
+            assert_eq!(
+                stepstream::client::cutoff_step(step.num_timesteps as usize, ratio) as u64,
+                k
+            );
+            let pe = &step.tensors["prompt_embeds"];
+            reply.guidance_scale = Some(0.0);
+            reply.tensors = HashMap::from([(
+                "prompt_embeds".to_string(),
+                stepstream::client::conditional_half(pe).unwrap(),
+            )]);
+        }
+        "scale_latents" if spec["step_index"].as_u64() == Some(k) => {
+            let factor = spec["factor"].as_f64().unwrap();
+            let l = unwire(&step.tensors["latents"]);
+            reply.tensors = HashMap::from([("latents".to_string(), wire(&(l * factor).unwrap()))]);
+        }
+        "interrupt" if spec["step_index"].as_u64() == Some(k) => reply.interrupt = true,
+        _ => {}
+    }
+    reply
+}
+
+fn scheduler_name(case: &Case) -> &'static str {
+    match case.json["scheduler"]["class"].as_str().unwrap() {
+        "DDIMScheduler" => "ddim",
+        "EulerDiscreteScheduler" => "euler",
+        other => panic!("no scheduler name for {other}"),
+    }
+}
+
+async fn run_case(name: &str) {
+    let case = Case::load("tiny-sd15", name);
+    let server = common::server::start(Default::default()).await;
+    let mut client = server.client().await;
+    let j = &case.json;
+    let request = proto::GenerateRequest {
+        prompt: j["prompt"].as_str().unwrap().into(),
+        negative_prompt: j["negative_prompt"].as_str().map(String::from),
+        num_inference_steps: j["num_inference_steps"].as_u64().unwrap() as u32,
+        guidance_scale: Some(j["guidance_scale"].as_f64().unwrap() as f32),
+        width: Some(j["width"].as_u64().unwrap() as u32),
+        height: Some(j["height"].as_u64().unwrap() as u32),
+        scheduler: scheduler_name(&case).into(),
+        latents: Some(wire(&case.tensor("init_latents"))),
+        callback: Some(proto::CallbackOptions {
+            tensor_inputs: vec![
+                "latents".into(),
+                "prompt_embeds".into(),
+                "negative_prompt_embeds".into(),
+            ],
+            ..Default::default()
+        }),
+        output: Some(proto::OutputOptions {
+            format: proto::ImageFormat::Png as i32,
+            return_latents: true,
+        }),
+        ..Default::default()
+    };
+    let mut session = Session::start(&mut client, request).await.expect("accepted");
+    let Kind::Accepted(acc) = session.expect().await else {
+        panic!("first event must be Accepted")
+    };
+    let want_ts: Vec<f64> = j["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(acc.timesteps, want_ts, "{name}: timesteps");
+
+    let mut executed = Vec::new();
+    let mut worst_latents = 0f32;
+    let completed = loop {
+        match session.expect().await {
+            Kind::StepEnd(step) => {
+                let k = executed.len();
+                assert_eq!(step.step_index as usize, case.step(k)["step_index"].as_u64().unwrap() as usize);
+                assert_eq!(step.timestep, case.step(k)["timestep"].as_f64().unwrap());
+                assert_eq!(
+                    step.do_classifier_free_guidance,
+                    case.step(k)["cfg_applied"].as_bool().unwrap(),
+                    "{name} step {k}: CFG decision"
+                );
+                let lat = unwire(&step.tensors["latents"]);
+                let d = rel_diff(&lat, &case.step_tensor(k, &["callback_in", "latents"]));
+                worst_latents = worst_latents.max(d);
+                assert!(d <= LATENTS_TOL, "{name} step {k}: latents rel diff {d}");
+                let pe = unwire(&step.tensors["prompt_embeds"]);
+                let d = common::max_abs_diff(&pe, &case.step_tensor(k, &["callback_in", "prompt_embeds"]));
+                assert!(d <= EMBEDS_TOL, "{name} step {k}: prompt_embeds diff {d}");
+                if let Some(ne) = step.tensors.get("negative_prompt_embeds") {
+                    let d = common::max_abs_diff(
+                        &unwire(ne),
+                        &case.step_tensor(k, &["callback_in", "negative_prompt_embeds"]),
+                    );
+                    assert!(d <= EMBEDS_TOL, "{name} step {k}: negative_prompt_embeds diff {d}");
+                }
+                executed.push(step.step_index as u64);
+                let reply = reply_for(&case, &step);
+                session.reply(reply).await;
+            }
+            Kind::Completed(c) => break c,
+            other => panic!("{name}: unexpected {other:?}"),
+        }
+    };
+    let want_exec: Vec<u64> = j["executed_step_indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(executed, want_exec, "{name}: executed steps");
+    assert_eq!(completed.interrupted, !j["skipped_step_indices"].as_array().unwrap().is_empty());
+
+    let final_latents = unwire(completed.latents.as_ref().expect("latents returned"));
+    let d_final = rel_diff(&final_latents, &case.tensor("final.latents"));
+    assert!(d_final <= LATENTS_TOL, "{name}: final latents rel diff {d_final}");
+
+    assert_eq!(completed.images.len(), 1);
+    let png = image::load_from_memory(&completed.images[0].data).unwrap().to_rgb8();
+    let want = case.tensor("image_u8").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let got = png.as_raw();
+    assert_eq!(got.len(), want.len());
+    let (max_u8, differ) = got.iter().zip(&want).fold((0u8, 0usize), |(m, n), (a, b)| {
+        let d = a.abs_diff(*b);
+        (m.max(d), n + usize::from(d > 0))
+    });
+    assert!(max_u8 <= 1, "{name}: PNG max diff {max_u8}");
+    println!(
+        "{name}: worst step latents rel {worst_latents:.2e}, final latents rel {d_final:.2e}, \
+         png max diff {max_u8} ({differ} values differ)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddim_10_matches_diffusers_every_step() {
+    run_case("ddim-10").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cfg_cutoff_by_a_remote_client_matches_diffusers() {
+    run_case("ddim-10-cfg-cutoff").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latents_edited_by_a_remote_client_match_diffusers() {
+    run_case("ddim-10-latents-edit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_skips_remaining_steps_and_still_decodes() {
+    run_case("ddim-10-interrupt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_prompt_matches_diffusers() {
+    run_case("neg-prompt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn euler_10_matches_diffusers_every_step() {
+    run_case("euler-10").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guidance_one_runs_without_cfg_and_matches_diffusers() {
+    run_case("ddim-10-guidance1").await;
+}
