@@ -138,7 +138,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, models = ?engine.models().iter().map(|m| &m.id).collect::<Vec<_>>(), "serving");
+    let local = listener.local_addr()?;
+    // One plain line on stdout so scripts (and tests) can find the port when --addr ends in :0.
+    println!("stepstream listening on {local}");
+    tracing::info!(addr = %local, models = ?engine.models().iter().map(|m| &m.id).collect::<Vec<_>>(), "serving");
     server::serve(
         engine,
         ServerConfig {

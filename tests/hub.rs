@@ -1,0 +1,93 @@
+//! `--model` resolution: hub ids through an hf-hub cache laid out on disk (no network), and
+//! local folders, both loading the real diffusers layout.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use stepstream::models::hub::{self, HubId};
+use stepstream::models::pipeline_model::StableDiffusionModel;
+use stepstream::models::ModelSource;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Lays out `HF_HOME/hub/models--org--name/{refs/main, snapshots/<commit>/...}` like hf-hub.
+fn fake_cache(home: &Path, repo: &str, commit: &str) {
+    let folder = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), commit).unwrap();
+    copy_dir(
+        &common::model_dir("tiny-sd15"),
+        &folder.join("snapshots").join(commit),
+    );
+}
+
+#[test]
+fn hub_ids_resolve_offline_from_the_cache_and_load() {
+    let home = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    fake_cache(home.path(), "org/tiny-sd", commit);
+    // SAFETY of the env change: this test binary has this one test.
+    std::env::set_var("HF_HOME", home.path());
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+
+    let (id, source) = hub::resolve("org/tiny-sd").unwrap();
+    assert_eq!(id, "org/tiny-sd");
+    let dir = source.dir().unwrap().to_path_buf();
+    assert!(dir.ends_with(format!("snapshots/{commit}")));
+    let m = StableDiffusionModel::load(id, &source, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(m.defaults.width, 64);
+
+    // A revision given as a commit hash, and as a ref.
+    let (_, s) = hub::resolve(&format!("org/tiny-sd@{commit}")).unwrap();
+    assert_eq!(s.dir().unwrap(), dir);
+    let (_, s) = hub::resolve("org/tiny-sd@main").unwrap();
+    assert_eq!(s.dir().unwrap(), dir);
+
+    // Not in the cache: a clear error that says how to fix it.
+    let err = hub::resolve("org/absent").unwrap_err().to_string();
+    assert!(err.contains("not fully in the cache"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+
+    // A snapshot missing a weight file is refused by name.
+    std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let err = hub::resolve("org/tiny-sd").unwrap_err().to_string();
+    assert!(err.contains("unet/diffusion_pytorch_model.safetensors"), "{err}");
+
+    // A local folder wins over the hub and is named by its folder.
+    let (id, s) = hub::resolve(common::model_dir("tiny-sd15").to_str().unwrap()).unwrap();
+    assert_eq!(id, "tiny-sd15");
+    assert!(matches!(s, ModelSource::Dir(_)));
+
+    // Neither a folder nor a hub id.
+    let err = hub::resolve("not a model").unwrap_err().to_string();
+    assert!(err.contains("neither a folder nor a hub id"), "{err}");
+    assert_eq!(HubId::parse("org/name@v1").unwrap().revision, "v1");
+}
+
+#[test]
+fn the_embedded_default_model_loads() {
+    let m = StableDiffusionModel::load(
+        stepstream::models::embedded::EMBEDDED_MODEL_ID.into(),
+        &stepstream::models::embedded::source(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(m.id, "tiny-sd15");
+    assert_eq!(m.defaults.scheduler, "ddim");
+}
