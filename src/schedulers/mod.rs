@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use crate::rng::NoiseSource;
 
+pub mod common;
 pub mod config;
 pub mod ddim;
 pub mod euler;
