@@ -45,7 +45,10 @@ pub fn cutoff_step(num_timesteps: usize, ratio: f64) -> usize {
 
 /// The conditional half of a `[negative; positive]` prompt_embeds tensor (any batch).
 pub fn conditional_half(t: &proto::Tensor) -> Result<proto::Tensor, ClientError> {
-    let b = *t.shape.first().ok_or_else(|| ClientError::Protocol("empty shape".into()))?;
+    let b = *t
+        .shape
+        .first()
+        .ok_or_else(|| ClientError::Protocol("empty shape".into()))?;
     if b % 2 != 0 || b == 0 {
         return Err(ClientError::Protocol(format!(
             "prompt_embeds batch {b} is not [negative; positive]"
@@ -85,10 +88,7 @@ pub async fn generate(
     })
     .await
     .map_err(|_| ClientError::Protocol("request stream closed".into()))?;
-    let mut inbound = client
-        .generate(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut inbound = client.generate(ReceiverStream::new(rx)).await?.into_inner();
     let mut cutoff = None;
     while let Some(msg) = inbound.message().await? {
         match msg.kind {
@@ -110,7 +110,8 @@ pub async fn generate(
                         ClientError::Protocol("StepEnd lacks prompt_embeds".into())
                     })?;
                     reply.guidance_scale = Some(0.0);
-                    reply.tensors = HashMap::from([("prompt_embeds".to_string(), conditional_half(pe)?)]);
+                    reply.tensors =
+                        HashMap::from([("prompt_embeds".to_string(), conditional_half(pe)?)]);
                 }
                 tx.send(proto::ClientMessage {
                     kind: Some(client_message::Kind::Reply(reply)),

@@ -90,7 +90,10 @@ fn parse_device(s: &str) -> Result<Device> {
     if s == "cpu" {
         return Ok(Device::Cpu);
     }
-    if let Some(n) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
+    if let Some(n) = s
+        .strip_prefix("cuda:")
+        .or(if s == "cuda" { Some("0") } else { None })
+    {
         let ordinal: usize = n.parse().with_context(|| format!("bad device `{s}`"))?;
         return Device::new_cuda(ordinal).with_context(|| {
             format!("cannot open `{s}` (is this a build with `--features cuda`?)")
@@ -207,7 +210,10 @@ impl Progress for Bar {
         }
     }
     fn rejected(&mut self, r: &proto::ReplyRejected) {
-        eprintln!("reply rejected at step {}: {}: {}", r.step_index, r.field, r.reason);
+        eprintln!(
+            "reply rejected at step {}: {}: {}",
+            r.step_index, r.field, r.reason
+        );
     }
 }
 

@@ -87,7 +87,11 @@ impl NoiseSource for ReplayNoise {
             .pop_front()
             .ok_or_else(|| candle_core::Error::Msg("replayed noise exhausted".into()))?;
         if t.dims() != shape {
-            candle_core::bail!("replayed noise has shape {:?}, wanted {:?}", t.dims(), shape);
+            candle_core::bail!(
+                "replayed noise has shape {:?}, wanted {:?}",
+                t.dims(),
+                shape
+            );
         }
         t.to_device(device)
     }

@@ -80,7 +80,9 @@ async fn run_case(name: &str) {
         }),
         ..Default::default()
     };
-    let mut session = Session::start(&mut client, request).await.expect("accepted");
+    let mut session = Session::start(&mut client, request)
+        .await
+        .expect("accepted");
     let Kind::Accepted(acc) = session.expect().await else {
         panic!("first event must be Accepted")
     };
@@ -98,7 +100,10 @@ async fn run_case(name: &str) {
         match session.expect().await {
             Kind::StepEnd(step) => {
                 let k = executed.len();
-                assert_eq!(step.step_index as usize, case.step(k)["step_index"].as_u64().unwrap() as usize);
+                assert_eq!(
+                    step.step_index as usize,
+                    case.step(k)["step_index"].as_u64().unwrap() as usize
+                );
                 assert_eq!(step.timestep, case.step(k)["timestep"].as_f64().unwrap());
                 assert_eq!(
                     step.do_classifier_free_guidance,
@@ -110,14 +115,20 @@ async fn run_case(name: &str) {
                 worst_latents = worst_latents.max(d);
                 assert!(d <= LATENTS_TOL, "{name} step {k}: latents rel diff {d}");
                 let pe = unwire(&step.tensors["prompt_embeds"]);
-                let d = common::max_abs_diff(&pe, &case.step_tensor(k, &["callback_in", "prompt_embeds"]));
+                let d = common::max_abs_diff(
+                    &pe,
+                    &case.step_tensor(k, &["callback_in", "prompt_embeds"]),
+                );
                 assert!(d <= EMBEDS_TOL, "{name} step {k}: prompt_embeds diff {d}");
                 if let Some(ne) = step.tensors.get("negative_prompt_embeds") {
                     let d = common::max_abs_diff(
                         &unwire(ne),
                         &case.step_tensor(k, &["callback_in", "negative_prompt_embeds"]),
                     );
-                    assert!(d <= EMBEDS_TOL, "{name} step {k}: negative_prompt_embeds diff {d}");
+                    assert!(
+                        d <= EMBEDS_TOL,
+                        "{name} step {k}: negative_prompt_embeds diff {d}"
+                    );
                 }
                 executed.push(step.step_index as u64);
                 let reply = reply_for(&case, &step);
@@ -134,15 +145,28 @@ async fn run_case(name: &str) {
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(executed, want_exec, "{name}: executed steps");
-    assert_eq!(completed.interrupted, !j["skipped_step_indices"].as_array().unwrap().is_empty());
+    assert_eq!(
+        completed.interrupted,
+        !j["skipped_step_indices"].as_array().unwrap().is_empty()
+    );
 
     let final_latents = unwire(completed.latents.as_ref().expect("latents returned"));
     let d_final = rel_diff(&final_latents, &case.tensor("final.latents"));
-    assert!(d_final <= LATENTS_TOL, "{name}: final latents rel diff {d_final}");
+    assert!(
+        d_final <= LATENTS_TOL,
+        "{name}: final latents rel diff {d_final}"
+    );
 
     assert_eq!(completed.images.len(), 1);
-    let png = image::load_from_memory(&completed.images[0].data).unwrap().to_rgb8();
-    let want = case.tensor("image_u8").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let png = image::load_from_memory(&completed.images[0].data)
+        .unwrap()
+        .to_rgb8();
+    let want = case
+        .tensor("image_u8")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     let got = png.as_raw();
     assert_eq!(got.len(), want.len());
     let (max_u8, differ) = got.iter().zip(&want).fold((0u8, 0usize), |(m, n), (a, b)| {

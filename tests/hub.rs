@@ -66,7 +66,10 @@ fn hub_ids_resolve_offline_from_the_cache_and_load() {
     // A snapshot missing a weight file is refused by name.
     std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let err = hub::resolve("org/tiny-sd").unwrap_err().to_string();
-    assert!(err.contains("unet/diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 
     // A local folder wins over the hub and is named by its folder.
     let (id, s) = hub::resolve(common::model_dir("tiny-sd15").to_str().unwrap()).unwrap();

@@ -47,7 +47,10 @@ fn params(case: &Case) -> GenerateParams {
 fn decoded_image_matches_diffusers_float_output() {
     let m = model();
     let case = Case::load("tiny-sd15", "ddim-10");
-    let out = sd::prepare(&m, &params(&case)).unwrap().run(&mut NoCallback).unwrap();
+    let out = sd::prepare(&m, &params(&case))
+        .unwrap()
+        .run(&mut NoCallback)
+        .unwrap();
     assert!(rel_diff(&out.latents, &case.tensor("final.latents")) <= 1e-5);
     let image = sd::decode_to_unit(&m, &out.latents)
         .unwrap()
@@ -71,14 +74,21 @@ fn several_images_pair_each_latent_with_its_own_embeddings() {
     let single = |l: &Tensor| {
         let mut p = p.clone();
         p.latents = Some(l.clone());
-        sd::prepare(&m, &p).unwrap().run(&mut NoCallback).unwrap().latents
+        sd::prepare(&m, &p)
+            .unwrap()
+            .run(&mut NoCallback)
+            .unwrap()
+            .latents
     };
     let (a, b) = (single(&l1), single(&l2));
     let mut both = p.clone();
     both.num_images_per_prompt = 2;
     both.latents = Some(Tensor::cat(&[&l1, &l2], 0).unwrap());
     let prepared = sd::prepare(&m, &both).unwrap();
-    assert_eq!(prepared.callback_tensors()["prompt_embeds"].dims(), &[4, 77, 32]);
+    assert_eq!(
+        prepared.callback_tensors()["prompt_embeds"].dims(),
+        &[4, 77, 32]
+    );
     let out = prepared.run(&mut NoCallback).unwrap().latents;
     assert!(max_abs_diff(&out.get(0).unwrap(), &a.get(0).unwrap()) < 1e-5);
     assert!(max_abs_diff(&out.get(1).unwrap(), &b.get(0).unwrap()) < 1e-5);
@@ -96,8 +106,11 @@ impl StepCallback for Cutoff {
     }
     fn on_step_end(&mut self, s: &StepState<'_>) -> Result<StepControl, CallbackError> {
         let pe = &s.tensors["prompt_embeds"];
-        self.seen
-            .push((s.step_index, s.do_classifier_free_guidance, pe.dim(0).unwrap()));
+        self.seen.push((
+            s.step_index,
+            s.do_classifier_free_guidance,
+            pe.dim(0).unwrap(),
+        ));
         if s.step_index != self.at {
             return Ok(StepControl::default());
         }

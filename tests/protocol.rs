@@ -180,7 +180,11 @@ async fn every_rejection_kind_is_answered_and_nothing_is_lost() {
             "tensors[negative_prompt_embeds]",
             "tensor_inputs",
         ),
-        (with("bogus", latents.clone()), "tensors[bogus]", "tensor_inputs"),
+        (
+            with("bogus", latents.clone()),
+            "tensors[bogus]",
+            "tensor_inputs",
+        ),
         (
             with(
                 "latents",
@@ -387,12 +391,19 @@ async fn a_full_queue_is_resource_exhausted_and_queued_clients_run_in_turn() {
     })
     .await;
     let mut c = srv.client().await;
-    let mut a = Session::start(&mut c, subscribed(3, blocking(&[]))).await.unwrap();
+    let mut a = Session::start(&mut c, subscribed(3, blocking(&[])))
+        .await
+        .unwrap();
     let _ = first_step(&mut a).await;
     // B waits in the queue (admitted, not yet Accepted).
-    let mut b = Session::start(&mut c, subscribed(3, blocking(&[]))).await.unwrap();
+    let mut b = Session::start(&mut c, subscribed(3, blocking(&[])))
+        .await
+        .unwrap();
     // C finds no room.
-    let err = Session::start(&mut c, request(3)).await.err().expect("refused");
+    let err = Session::start(&mut c, request(3))
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("queue is full"), "{}", err.message());
     // A finishes, then B runs.
@@ -446,7 +457,14 @@ async fn bad_requests_name_the_field() {
         ),
         (
             proto::GenerateRequest {
-                latents: Some(wire(&candle_core::Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap())),
+                latents: Some(wire(
+                    &candle_core::Tensor::zeros(
+                        (1, 4, 4, 4),
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    )
+                    .unwrap(),
+                )),
                 ..request(2)
             },
             Code::InvalidArgument,
@@ -478,7 +496,11 @@ async fn bad_requests_name_the_field() {
             },
         };
         assert_eq!(err.code(), code, "{needle}: {}", err.message());
-        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{needle}: {}",
+            err.message()
+        );
     }
     // A stream that does not begin with `start`.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -540,14 +562,24 @@ async fn list_models_and_latent_only_output() {
         .into_inner();
     assert_eq!(list.default_model, "tiny-sd15");
     let m = &list.models[0];
-    assert_eq!((m.family.as_str(), m.default_width, m.default_height), ("sd1", 64, 64));
+    assert_eq!(
+        (m.family.as_str(), m.default_width, m.default_height),
+        ("sd1", 64, 64)
+    );
     assert_eq!(m.default_scheduler, "ddim");
     assert_eq!(m.schedulers, vec!["ddim", "euler"]);
     assert_eq!(
         m.callback_tensor_inputs,
         vec!["latents", "prompt_embeds", "negative_prompt_embeds"]
     );
-    assert_eq!((m.prediction_type.as_str(), m.device.as_str(), m.dtype.as_str()), ("epsilon", "cpu", "f32"));
+    assert_eq!(
+        (
+            m.prediction_type.as_str(),
+            m.device.as_str(),
+            m.dtype.as_str()
+        ),
+        ("epsilon", "cpu", "f32")
+    );
     let done = c
         .generate_once(proto::GenerateRequest {
             output: Some(proto::OutputOptions {

@@ -6,9 +6,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{EngineError, EngineEvent, SessionLink};
-use crate::pipeline::{
-    validate_control, CallbackError, StepCallback, StepControl, StepState,
-};
+use crate::pipeline::{validate_control, CallbackError, StepCallback, StepControl, StepState};
 use crate::proto;
 use crate::proto::server_message::Kind;
 
@@ -120,7 +118,12 @@ impl<'a> SessionCallback<'a> {
         .map_err(to_callback_error)
     }
 
-    fn reject(&self, step_index: usize, field: String, reason: String) -> Result<(), CallbackError> {
+    fn reject(
+        &self,
+        step_index: usize,
+        field: String,
+        reason: String,
+    ) -> Result<(), CallbackError> {
         tracing::debug!(step_index, %field, %reason, "reply rejected");
         self.send(Kind::ReplyRejected(proto::ReplyRejected {
             step_index: step_index as u32,
@@ -130,7 +133,11 @@ impl<'a> SessionCallback<'a> {
     }
 
     /// Turns a wire reply into a control, or the (field, reason) to reject it with.
-    fn check(&self, state: &StepState<'_>, reply: proto::StepReply) -> Result<StepControl, (String, String)> {
+    fn check(
+        &self,
+        state: &StepState<'_>,
+        reply: proto::StepReply,
+    ) -> Result<StepControl, (String, String)> {
         if reply.step_index as usize != state.step_index {
             return Err((
                 "step_index".into(),
@@ -209,7 +216,10 @@ impl StepCallback for SessionCallback<'_> {
                 Err(_elapsed) => {
                     return match self.sub.on_timeout {
                         proto::TimeoutAction::Continue => {
-                            tracing::info!(step_index = state.step_index, "reply deadline passed; continuing unchanged");
+                            tracing::info!(
+                                step_index = state.step_index,
+                                "reply deadline passed; continuing unchanged"
+                            );
                             Ok(StepControl::default())
                         }
                         _ => Err(CallbackError::ReplyTimeout {

@@ -184,9 +184,9 @@ impl Engine {
                 path: "worker thread".into(),
                 source,
             })?;
-        let models = ready_rx.await.map_err(|_| {
-            ModelError::Hub("the worker thread died while loading models".into())
-        })??;
+        let models = ready_rx
+            .await
+            .map_err(|_| ModelError::Hub("the worker thread died while loading models".into()))??;
         let capacity = 1 + config.max_queue;
         Ok(Engine {
             jobs: jobs_tx,
@@ -304,7 +304,10 @@ fn worker(
             tracing::warn!(model = %m.id, error = %e, "warm-up failed");
         }
     }
-    let cards = models.iter().map(|m| model_card(m, &config.device)).collect();
+    let cards = models
+        .iter()
+        .map(|m| model_card(m, &config.device))
+        .collect();
     if ready.send(Ok(cards)).is_err() {
         return;
     }
@@ -383,7 +386,11 @@ fn run_job(
     let prepared = sd::prepare(model, &params)?;
     let timesteps = prepared.timesteps();
     if let Some(sub) = &subscription {
-        if let Some(&bad) = sub.step_indices.iter().find(|&&i| i as usize >= timesteps.len()) {
+        if let Some(&bad) = sub
+            .step_indices
+            .iter()
+            .find(|&&i| i as usize >= timesteps.len())
+        {
             return Err(EngineError::InvalidRequest {
                 field: "start.callback.step_indices".into(),
                 reason: format!(
@@ -440,12 +447,8 @@ fn run_job(
 
     let output = match &subscription {
         Some(sub) => {
-            let mut cb = bridge::SessionCallback::new(
-                &mut link,
-                sub,
-                handle,
-                config.max_tensor_bytes,
-            );
+            let mut cb =
+                bridge::SessionCallback::new(&mut link, sub, handle, config.max_tensor_bytes);
             prepared.run(&mut cb)?
         }
         None => {

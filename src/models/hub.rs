@@ -60,7 +60,11 @@ impl HubId {
 /// Whether `HF_HUB_OFFLINE` asks for cache-only resolution.
 pub fn offline_from_env() -> bool {
     matches!(
-        std::env::var("HF_HUB_OFFLINE").ok().as_deref().map(str::to_ascii_lowercase).as_deref(),
+        std::env::var("HF_HUB_OFFLINE")
+            .ok()
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Some("1" | "true" | "yes" | "on")
     )
 }
@@ -89,7 +93,10 @@ pub fn resolve(spec: &str) -> Result<(String, ModelSource)> {
     } else {
         download(&hub)?
     };
-    Ok((spec.split('@').next().unwrap_or(spec).to_string(), ModelSource::Dir(dir)))
+    Ok((
+        spec.split('@').next().unwrap_or(spec).to_string(),
+        ModelSource::Dir(dir),
+    ))
 }
 
 /// Finds every needed file of `hub` in the local cache and returns the snapshot folder.
@@ -159,7 +166,15 @@ mod tests {
             HubId::parse("stabilityai/sd-turbo@fp16").unwrap().revision,
             "fp16"
         );
-        for bad in ["name", "org/", "/name", "a/b/c", "org/name@", "../x/y", "o rg/n"] {
+        for bad in [
+            "name",
+            "org/",
+            "/name",
+            "a/b/c",
+            "org/name@",
+            "../x/y",
+            "o rg/n",
+        ] {
             assert_eq!(HubId::parse(bad), None, "{bad}");
         }
     }

@@ -86,7 +86,8 @@ pub struct StableDiffusionModel {
 }
 
 /// The tensors a callback may read and replace for SD 1.x/2.x (diffusers' `_callback_tensor_inputs`).
-pub const SD_CALLBACK_TENSOR_INPUTS: &[&str] = &["latents", "prompt_embeds", "negative_prompt_embeds"];
+pub const SD_CALLBACK_TENSOR_INPUTS: &[&str] =
+    &["latents", "prompt_embeds", "negative_prompt_embeds"];
 
 impl StableDiffusionModel {
     /// Loads every component named in `model_index.json` from `source` onto `device` in `dtype`.
@@ -110,7 +111,9 @@ impl StableDiffusionModel {
             other => {
                 return Err(ModelError::Unsupported {
                     path: format!("{}/model_index.json", source.describe()),
-                    reason: format!("pipeline class `{other}` (supported: StableDiffusionPipeline)"),
+                    reason: format!(
+                        "pipeline class `{other}` (supported: StableDiffusionPipeline)"
+                    ),
                 })
             }
         };
@@ -121,13 +124,22 @@ impl StableDiffusionModel {
                 reason: e.to_string(),
             }
         })?;
+        let scheduler_config = legacy_scheduler_fixups(&id, scheduler_config);
         let tokenizer = ClipTokenizer::load(source, "tokenizer")?;
         let text_config = ClipTextConfig::load(source, "text_encoder")?;
-        let text_encoder = ClipTextModel::new(source.var_builder("text_encoder", dtype, device)?, &text_config)?;
-        let unet = UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
+        let text_encoder = ClipTextModel::new(
+            source.var_builder("text_encoder", dtype, device)?,
+            &text_config,
+        )?;
+        let unet =
+            UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
         let vae_config = VaeConfig::load(source, "vae")?;
         // The VAE decodes in f32 when its config asks for it (SDXL's overflows in f16).
-        let vae_dtype = if vae_config.force_upcast { DType::F32 } else { dtype };
+        let vae_dtype = if vae_config.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
         let vae = AutoencoderKl::new(source.var_builder("vae", vae_dtype, device)?, &vae_config)?;
 
         let vae_scale = vae_scale_factor(&vae_config);
@@ -137,14 +149,15 @@ impl StableDiffusionModel {
             None => 64,
         };
         let native = (sample * vae_scale) as u32;
-        let default_scheduler = schedulers::name_for_class(&scheduler_config.class_name).unwrap_or_else(|| {
-            tracing::warn!(
-                model = %id,
-                class = %scheduler_config.class_name,
-                "scheduler class not implemented; requests without a scheduler name use ddim"
-            );
-            "ddim"
-        });
+        let default_scheduler = schedulers::name_for_class(&scheduler_config.class_name)
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                    model = %id,
+                    class = %scheduler_config.class_name,
+                    "scheduler class not implemented; requests without a scheduler name use ddim"
+                );
+                "ddim"
+            });
         Ok(Self {
             id,
             family,
@@ -192,4 +205,34 @@ impl StableDiffusionModel {
 /// diffusers' `vae_scale_factor = 2 ** (len(block_out_channels) - 1)`.
 fn vae_scale_factor(cfg: &VaeConfig) -> usize {
     1usize << cfg.block_out_channels.len().saturating_sub(1)
+}
+
+/// diffusers' StableDiffusionPipeline rewrites outdated scheduler configs at load time
+/// (`steps_offset` != 1 becomes 1; `clip_sample: true` becomes false); so do we, with a warning.
+fn legacy_scheduler_fixups(id: &str, mut cfg: SchedulerConfig) -> SchedulerConfig {
+    if cfg.steps_offset != 1 {
+        tracing::warn!(model = %id, steps_offset = cfg.steps_offset, "outdated scheduler config: steps_offset set to 1, as diffusers does");
+        cfg.steps_offset = 1;
+    }
+    if cfg.clip_sample == Some(true) {
+        tracing::warn!(model = %id, "outdated scheduler config: clip_sample set to false, as diffusers does");
+        cfg.clip_sample = Some(false);
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outdated_scheduler_configs_are_fixed_like_diffusers() {
+        let cfg = SchedulerConfig::from_json_bytes(
+            br#"{"_class_name": "DDIMScheduler", "steps_offset": 0, "clip_sample": true}"#,
+        )
+        .unwrap();
+        let fixed = legacy_scheduler_fixups("m", cfg);
+        assert_eq!(fixed.steps_offset, 1);
+        assert_eq!(fixed.clip_sample, Some(false));
+    }
 }

@@ -174,13 +174,21 @@ pub fn validate_control(
                 if t.dims() != cur.dims() {
                     return Err(Rejection::new(
                         field,
-                        format!("shape {:?} must equal the latents' shape {:?}", t.dims(), cur.dims()),
+                        format!(
+                            "shape {:?} must equal the latents' shape {:?}",
+                            t.dims(),
+                            cur.dims()
+                        ),
                     ));
                 }
             }
             "prompt_embeds" => {
                 let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
-                let want_batch = if new_cfg { 2 * state.batch } else { state.batch };
+                let want_batch = if new_cfg {
+                    2 * state.batch
+                } else {
+                    state.batch
+                };
                 let cd = cur.dims();
                 let td = t.dims();
                 if td.len() != 3 || td[1] != cd[1] || td[2] != cd[2] {
@@ -206,7 +214,10 @@ pub fn validate_control(
                 if td != [state.batch, pd[1], pd[2]] {
                     return Err(Rejection::new(
                         field,
-                        format!("shape {td:?} must be [{}, {}, {}]", state.batch, pd[1], pd[2]),
+                        format!(
+                            "shape {td:?} must be [{}, {}, {}]",
+                            state.batch, pd[1], pd[2]
+                        ),
                     ));
                 }
             }
@@ -219,7 +230,11 @@ pub fn validate_control(
     let replaces_embeds = control.tensors.iter().any(|(n, _)| n == "prompt_embeds");
     if !replaces_embeds {
         if let Some(pe) = state.tensors.get("prompt_embeds") {
-            let want_batch = if new_cfg { 2 * state.batch } else { state.batch };
+            let want_batch = if new_cfg {
+                2 * state.batch
+            } else {
+                state.batch
+            };
             let have = pe.dims()[0];
             if have != want_batch {
                 let field = if allowed.iter().any(|a| a == "prompt_embeds") {

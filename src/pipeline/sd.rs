@@ -4,9 +4,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{
-    CallbackTensors, PipelineError, StepCallback, StepControl, StepState,
-};
+use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::rng::NoiseGenerator;
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
@@ -140,7 +138,7 @@ fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, rescale: f64) -> Result<Tensor
     };
     let rank = cfg.rank();
     let shape_b: Vec<usize> = std::iter::once(cfg.dim(0)?)
-        .chain(std::iter::repeat(1).take(rank - 1))
+        .chain(std::iter::repeat_n(1, rank - 1))
         .collect();
     let std_text = std(text)?.reshape(shape_b.as_slice())?;
     let std_cfg = std(cfg)?.reshape(shape_b.as_slice())?;
@@ -156,7 +154,11 @@ pub fn prepare<'m>(
 ) -> Result<Prepared<'m>, PipelineError> {
     let device = &model.device;
     let vsf = model.vae_scale_factor();
-    if params.width == 0 || params.height == 0 || params.width % vsf != 0 || params.height % vsf != 0 {
+    if params.width == 0
+        || params.height == 0
+        || params.width % vsf != 0
+        || params.height % vsf != 0
+    {
         return Err(invalid(
             "width/height",
             format!(
@@ -325,7 +327,10 @@ impl Prepared<'_> {
     }
 
     /// Runs the denoising loop, calling `callback` after each step, then decodes.
-    pub fn run(mut self, callback: &mut dyn StepCallback) -> Result<GenerationOutput, PipelineError> {
+    pub fn run(
+        mut self,
+        callback: &mut dyn StepCallback,
+    ) -> Result<GenerationOutput, PipelineError> {
         let model = self.model;
         let timesteps = self.timesteps();
         let num_timesteps = timesteps.len();
@@ -368,7 +373,9 @@ impl Prepared<'_> {
             } else {
                 eps
             };
-            self.latents = self.scheduler.step(&eps, i, &self.latents, &mut self.noise)?;
+            self.latents = self
+                .scheduler
+                .step(&eps, i, &self.latents, &mut self.noise)?;
             if callback.wants(i) {
                 let tensors = self.callback_tensors();
                 let state = StepState {
@@ -479,7 +486,10 @@ pub fn decode_images(
 }
 
 /// The decoded image batch as f32 NCHW in [0, 1] (diffusers' `output_type="pt"` values).
-pub fn decode_to_unit(model: &StableDiffusionModel, latents: &Tensor) -> Result<Tensor, PipelineError> {
+pub fn decode_to_unit(
+    model: &StableDiffusionModel,
+    latents: &Tensor,
+) -> Result<Tensor, PipelineError> {
     let vae_dtype = if model.vae_config.force_upcast {
         DType::F32
     } else {
@@ -489,6 +499,9 @@ pub fn decode_to_unit(model: &StableDiffusionModel, latents: &Tensor) -> Result<
     if let Some(shift) = model.vae_config.shift_factor {
         z = (z + shift)?;
     }
-    let x = model.vae.decode(&z.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+    let x = model
+        .vae
+        .decode(&z.to_dtype(vae_dtype)?)?
+        .to_dtype(DType::F32)?;
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }

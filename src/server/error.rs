@@ -41,7 +41,10 @@ mod tests {
                 },
                 Code::NotFound,
             ),
-            (EngineError::QueueFull { capacity: 2 }, Code::ResourceExhausted),
+            (
+                EngineError::QueueFull { capacity: 2 },
+                Code::ResourceExhausted,
+            ),
             (
                 EngineError::ReplyTimeout {
                     step_index: 1,

@@ -37,8 +37,15 @@ impl DiffusionService {
     fn start(
         &self,
         req: proto::GenerateRequest,
-    ) -> Result<(mpsc::Receiver<EngineEvent>, mpsc::Sender<proto::StepReply>, CancelFlag, bool), EngineError>
-    {
+    ) -> Result<
+        (
+            mpsc::Receiver<EngineEvent>,
+            mpsc::Sender<proto::StepReply>,
+            CancelFlag,
+            bool,
+        ),
+        EngineError,
+    > {
         let (index, card) = self.engine.find_model(&req.model)?;
         let valid = validation::validate(&req, card, &self.limits)?;
         let permit = self.engine.admit()?;
@@ -112,10 +119,9 @@ impl Diffusion for DiffusionService {
         let start = match first.kind {
             Some(client_message::Kind::Start(s)) => s,
             _ => {
-                return Err(EngineError::Protocol(
-                    "the first message must be `start`".into(),
+                return Err(
+                    EngineError::Protocol("the first message must be `start`".into()).into(),
                 )
-                .into())
             }
         };
         let (events, replies, cancel, observe_only) = self.start(start)?;

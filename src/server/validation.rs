@@ -91,7 +91,11 @@ pub fn validate(
         if n.len() > limits.max_prompt_bytes {
             return Err(invalid(
                 "negative_prompt",
-                format!("{} bytes exceeds the limit of {}", n.len(), limits.max_prompt_bytes),
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    n.len(),
+                    limits.max_prompt_bytes
+                ),
             ));
         }
     }
@@ -146,7 +150,10 @@ pub fn validate(
     let height = req.height.unwrap_or(model.default_height);
     for (name, v) in [("width", width), ("height", height)] {
         if v == 0 || v % 8 != 0 {
-            return Err(invalid(name, format!("{v} must be a positive multiple of 8")));
+            return Err(invalid(
+                name,
+                format!("{v} must be a positive multiple of 8"),
+            ));
         }
         if v > limits.max_side {
             return Err(invalid(
@@ -162,7 +169,7 @@ pub fn validate(
             format!("{images} exceeds the limit of {}", limits.max_images),
         ));
     }
-    if !req.scheduler.is_empty() && !model.schedulers.iter().any(|s| *s == req.scheduler) {
+    if !req.scheduler.is_empty() && !model.schedulers.contains(&req.scheduler) {
         return Err(invalid(
             "scheduler",
             format!(
@@ -172,7 +179,7 @@ pub fn validate(
             ),
         ));
     }
-    let output = req.output.clone().unwrap_or_default();
+    let output = req.output.unwrap_or_default();
     let format = proto::ImageFormat::try_from(output.format)
         .map_err(|_| invalid("output.format", format!("unknown value {}", output.format)))?;
     let decode = format != proto::ImageFormat::None;
@@ -223,7 +230,10 @@ fn validate_callback(
             ));
         }
         if names.contains(n) {
-            return Err(invalid("callback.tensor_inputs", format!("`{n}` listed twice")));
+            return Err(invalid(
+                "callback.tensor_inputs",
+                format!("`{n}` listed twice"),
+            ));
         }
         names.push(n.clone());
     }
@@ -245,8 +255,12 @@ fn validate_callback(
             ),
         ));
     }
-    let on_timeout = proto::TimeoutAction::try_from(c.on_timeout)
-        .map_err(|_| invalid("callback.on_timeout", format!("unknown value {}", c.on_timeout)))?;
+    let on_timeout = proto::TimeoutAction::try_from(c.on_timeout).map_err(|_| {
+        invalid(
+            "callback.on_timeout",
+            format!("unknown value {}", c.on_timeout),
+        )
+    })?;
     let wire_dtype = match proto::DType::try_from(c.wire_dtype) {
         Ok(proto::DType::DtypeUnspecified) => proto::DType::DtypeF32,
         Ok(d) => d,

@@ -28,12 +28,12 @@ impl Case {
     /// Loads `tests/fixtures/cases/<model>/<name>.{json,safetensors}`.
     pub fn load(model: &str, name: &str) -> Case {
         let base = fixtures().join("cases").join(model).join(name);
-        let json: Value = serde_json::from_slice(
-            &std::fs::read(base.with_extension("json")).expect("case json"),
-        )
-        .expect("case json parses");
-        let tensors = candle_core::safetensors::load(base.with_extension("safetensors"), &Device::Cpu)
-            .expect("case safetensors");
+        let json: Value =
+            serde_json::from_slice(&std::fs::read(base.with_extension("json")).expect("case json"))
+                .expect("case json parses");
+        let tensors =
+            candle_core::safetensors::load(base.with_extension("safetensors"), &Device::Cpu)
+                .expect("case safetensors");
         Case { json, tensors }
     }
 
