@@ -128,48 +128,41 @@ pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError
     Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| TensorError::Candle(e.to_string()))
 }
 
+/// Flattens `t` as `dtype` and writes each element's little-endian bytes.
+fn le_bytes<T: candle_core::WithDType, const N: usize>(
+    t: &Tensor,
+    dtype: DType,
+    to_le: fn(T) -> [u8; N],
+) -> Result<Vec<u8>, TensorError> {
+    let v = t
+        .to_dtype(dtype)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1::<T>())
+        .map_err(|e| TensorError::Candle(e.to_string()))?;
+    let mut bytes = Vec::with_capacity(v.len() * N);
+    for x in v {
+        bytes.extend_from_slice(&to_le(x));
+    }
+    Ok(bytes)
+}
+
 /// Encodes a candle tensor (any float dtype, any device) as a wire tensor in `wire` dtype
 /// (`Unspecified` means F32).
 pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorError> {
-    let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
     let (wire, data) = match wire {
-        proto::DType::DtypeF16 => {
-            let v = t
-                .to_dtype(DType::F16)
-                .and_then(|x| x.flatten_all())
-                .and_then(|x| x.to_vec1::<half::f16>())
-                .map_err(err)?;
-            let mut bytes = Vec::with_capacity(v.len() * 2);
-            for x in v {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            (proto::DType::DtypeF16, bytes)
-        }
-        proto::DType::DtypeBf16 => {
-            let v = t
-                .to_dtype(DType::BF16)
-                .and_then(|x| x.flatten_all())
-                .and_then(|x| x.to_vec1::<half::bf16>())
-                .map_err(err)?;
-            let mut bytes = Vec::with_capacity(v.len() * 2);
-            for x in v {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            (proto::DType::DtypeBf16, bytes)
-        }
-        proto::DType::DtypeF32 | proto::DType::DtypeUnspecified => {
-            let v = t
-                .to_dtype(DType::F32)
-                .and_then(|x| x.flatten_all())
-                .and_then(|x| x.to_vec1::<f32>())
-                .map_err(err)?;
-            let mut bytes = Vec::with_capacity(v.len() * 4);
-            for x in v {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            (proto::DType::DtypeF32, bytes)
-        }
+        proto::DType::DtypeF16 => (
+            wire,
+            le_bytes::<half::f16, 2>(t, DType::F16, half::f16::to_le_bytes)?,
+        ),
+        proto::DType::DtypeBf16 => (
+            wire,
+            le_bytes::<half::bf16, 2>(t, DType::BF16, half::bf16::to_le_bytes)?,
+        ),
+        proto::DType::DtypeF32 | proto::DType::DtypeUnspecified => (
+            proto::DType::DtypeF32,
+            le_bytes::<f32, 4>(t, DType::F32, f32::to_le_bytes)?,
+        ),
     };
     Ok(proto::Tensor {
         dtype: wire as i32,

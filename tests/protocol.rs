@@ -477,6 +477,17 @@ async fn bad_requests_name_the_field() {
         ),
         (
             proto::GenerateRequest {
+                latents: Some(wire(
+                    &candle_core::Tensor::full(f32::NAN, (1, 4, 8, 8), &candle_core::Device::Cpu)
+                        .unwrap(),
+                )),
+                ..request(2)
+            },
+            Code::InvalidArgument,
+            "start.latents",
+        ),
+        (
+            proto::GenerateRequest {
                 guidance_scale: Some(f32::INFINITY),
                 ..request(2)
             },
@@ -681,4 +692,24 @@ async fn replies_to_an_observe_only_session_are_rejected_not_fatal() {
         }
     }
     assert!(rejected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_start_times_out() {
+    let srv = server::start(Options {
+        reply_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut c = srv.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::ClientMessage>(1);
+    let started = Instant::now();
+    let err = c
+        .generate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    drop(tx);
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(err.message().contains("start"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -49,8 +49,7 @@ pub(super) fn send_event(
     match handle.block_on(async { tokio::time::timeout(timeout, events.send(event)).await }) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(EngineError::Cancelled),
-        Err(_) => Err(EngineError::ReplyTimeout {
-            step_index: 0,
+        Err(_) => Err(EngineError::ClientStalled {
             timeout_ms: timeout.as_millis() as u64,
         }),
     }
@@ -65,6 +64,7 @@ fn to_callback_error(e: EngineError) -> CallbackError {
             step_index,
             timeout_ms,
         },
+        EngineError::ClientStalled { timeout_ms } => CallbackError::ClientStalled { timeout_ms },
         EngineError::Cancelled => CallbackError::Cancelled,
         other => CallbackError::Protocol(other.to_string()),
     }

@@ -55,6 +55,18 @@ pub enum EngineError {
         /// The deadline used.
         timeout_ms: u64,
     },
+    /// The client stopped reading events.
+    #[error("the client read no event for {timeout_ms} ms")]
+    ClientStalled {
+        /// The deadline used.
+        timeout_ms: u64,
+    },
+    /// No `start` message came in time.
+    #[error("no `start` message within {timeout_ms} ms")]
+    StartTimeout {
+        /// The deadline used.
+        timeout_ms: u64,
+    },
     /// The client went away.
     #[error("cancelled by the client")]
     Cancelled,
@@ -84,6 +96,9 @@ impl From<PipelineError> for EngineError {
                 step_index,
                 timeout_ms,
             },
+            PipelineError::Callback(CallbackError::ClientStalled { timeout_ms }) => {
+                EngineError::ClientStalled { timeout_ms }
+            }
             PipelineError::Callback(CallbackError::Protocol(m)) => EngineError::Protocol(m),
             other => EngineError::Internal(other.to_string()),
         }
@@ -137,6 +152,36 @@ pub struct SessionLink {
     pub cancel: CancelFlag,
 }
 
+/// A request's input tensors as they came over the wire (headers checked, data not yet read).
+#[derive(Debug, Default)]
+pub struct RequestTensors {
+    /// Initial latents.
+    pub latents: Option<proto::Tensor>,
+    /// Prompt embeddings instead of the prompt.
+    pub prompt_embeds: Option<proto::Tensor>,
+    /// Negative prompt embeddings.
+    pub negative_prompt_embeds: Option<proto::Tensor>,
+}
+
+impl RequestTensors {
+    /// Decodes the tensors into `params` (on the worker: tensor work stays off the async runtime).
+    fn decode_into(self, params: &mut GenerateParams, max_bytes: usize) -> Result<(), EngineError> {
+        let decode = |field: &str, t: Option<proto::Tensor>| {
+            t.map(|t| crate::tensor::decode(&t, max_bytes))
+                .transpose()
+                .map_err(|e| EngineError::InvalidRequest {
+                    field: format!("start.{field}"),
+                    reason: e.to_string(),
+                })
+        };
+        params.latents = decode("latents", self.latents)?;
+        params.prompt_embeds = decode("prompt_embeds", self.prompt_embeds)?;
+        params.negative_prompt_embeds =
+            decode("negative_prompt_embeds", self.negative_prompt_embeds)?;
+        Ok(())
+    }
+}
+
 /// One generation waiting for the worker.
 pub struct Job {
     /// The id reported to the client.
@@ -145,6 +190,8 @@ pub struct Job {
     pub model_index: usize,
     /// The validated request.
     pub params: GenerateParams,
+    /// Its input tensors, decoded on the worker.
+    pub tensors: RequestTensors,
     /// Callback subscription (`None`: no StepEnd at all).
     pub subscription: Option<Subscription>,
     /// Whether to send the final latents.
@@ -374,7 +421,8 @@ fn run_job(
 ) -> Result<(), EngineError> {
     let Job {
         request_id,
-        params,
+        mut params,
+        tensors,
         subscription,
         return_latents,
         mut link,
@@ -383,6 +431,7 @@ fn run_job(
         ..
     } = job;
     let queue_ms = admitted.elapsed().as_secs_f64() * 1e3;
+    tensors.decode_into(&mut params, config.max_tensor_bytes)?;
     let prepared = sd::prepare(model, &params)?;
     let timesteps = prepared.timesteps();
     if let Some(sub) = &subscription {

@@ -53,6 +53,12 @@ pub enum CallbackError {
         /// The deadline used.
         timeout_ms: u64,
     },
+    /// The client stopped reading events: one could not be delivered within the deadline.
+    #[error("the client read no event for {timeout_ms} ms")]
+    ClientStalled {
+        /// The deadline used.
+        timeout_ms: u64,
+    },
     /// The client broke the protocol in a way that cannot be answered with ReplyRejected.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -11,6 +11,8 @@ impl From<EngineError> for Status {
             EngineError::UnknownModel { .. } => Code::NotFound,
             EngineError::QueueFull { .. } => Code::ResourceExhausted,
             EngineError::ReplyTimeout { .. } => Code::DeadlineExceeded,
+            EngineError::ClientStalled { .. } => Code::DeadlineExceeded,
+            EngineError::StartTimeout { .. } => Code::DeadlineExceeded,
             EngineError::Cancelled => Code::Cancelled,
             EngineError::Protocol(_) => Code::InvalidArgument,
             EngineError::Unavailable(_) => Code::Unavailable,
@@ -50,6 +52,14 @@ mod tests {
                     step_index: 1,
                     timeout_ms: 5,
                 },
+                Code::DeadlineExceeded,
+            ),
+            (
+                EngineError::ClientStalled { timeout_ms: 5 },
+                Code::DeadlineExceeded,
+            ),
+            (
+                EngineError::StartTimeout { timeout_ms: 5 },
                 Code::DeadlineExceeded,
             ),
             (EngineError::Cancelled, Code::Cancelled),

@@ -72,6 +72,7 @@ impl DiffusionService {
             request_id,
             model_index: index,
             params: valid.params,
+            tensors: valid.tensors,
             subscription: valid.subscription,
             return_latents: valid.return_latents,
             link: SessionLink {
@@ -107,7 +108,17 @@ impl Diffusion for DiffusionService {
         request: Request<Streaming<proto::ClientMessage>>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = match inbound.message().await? {
+        let wait = self.limits.default_reply_timeout;
+        let first = match tokio::time::timeout(wait, inbound.message()).await {
+            Err(_) => {
+                return Err(EngineError::StartTimeout {
+                    timeout_ms: wait.as_millis() as u64,
+                }
+                .into())
+            }
+            Ok(m) => m?,
+        };
+        let first = match first {
             Some(m) => m,
             None => {
                 return Err(EngineError::Protocol(

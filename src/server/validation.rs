@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::engine::{EngineError, Subscription};
+use crate::engine::{EngineError, RequestTensors, Subscription};
 use crate::pipeline::sd::GenerateParams;
 use crate::proto;
 
@@ -63,8 +63,10 @@ pub fn random_u64() -> u64 {
 /// The validated parts of a request.
 #[derive(Debug)]
 pub struct Validated {
-    /// Pipeline parameters.
+    /// Pipeline parameters (request tensors not yet decoded).
     pub params: GenerateParams,
+    /// The request's tensors, header-checked, decoded by the worker.
+    pub tensors: RequestTensors,
     /// The callback subscription, when the request set `callback`.
     pub subscription: Option<Subscription>,
     /// Whether to send the final latents.
@@ -99,12 +101,17 @@ pub fn validate(
             ));
         }
     }
-    let decode_opt = |field: &str, t: &Option<proto::Tensor>| {
-        t.as_ref()
-            .map(|t| crate::tensor::decode(t, limits.max_tensor_bytes))
-            .transpose()
-            .map_err(|e| invalid(field, e.to_string()))
-    };
+    // Headers only here (cheap, no allocation); the worker decodes the data.
+    for (field, t) in [
+        ("latents", &req.latents),
+        ("prompt_embeds", &req.prompt_embeds),
+        ("negative_prompt_embeds", &req.negative_prompt_embeds),
+    ] {
+        if let Some(t) = t {
+            crate::tensor::check_header(t, limits.max_tensor_bytes)
+                .map_err(|e| invalid(field, e.to_string()))?;
+        }
+    }
     if req.prompt_embeds.is_some() && !req.prompt.is_empty() {
         return Err(invalid(
             "prompt_embeds",
@@ -191,8 +198,8 @@ pub fn validate(
     let params = GenerateParams {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
-        prompt_embeds: decode_opt("prompt_embeds", &req.prompt_embeds)?,
-        negative_prompt_embeds: decode_opt("negative_prompt_embeds", &req.negative_prompt_embeds)?,
+        prompt_embeds: None,
+        negative_prompt_embeds: None,
         num_inference_steps: steps as usize,
         guidance_scale: guidance as f64,
         guidance_rescale: guidance_rescale as f64,
@@ -201,12 +208,17 @@ pub fn validate(
         seed: req.seed.unwrap_or_else(random_u64),
         scheduler: req.scheduler.clone(),
         num_images_per_prompt: images as usize,
-        latents: decode_opt("latents", &req.latents)?,
+        latents: None,
         eta: eta as f64,
         decode,
     };
     Ok(Validated {
         params,
+        tensors: RequestTensors {
+            latents: req.latents.clone(),
+            prompt_embeds: req.prompt_embeds.clone(),
+            negative_prompt_embeds: req.negative_prompt_embeds.clone(),
+        },
         subscription,
         return_latents: output.return_latents || !decode,
     })
