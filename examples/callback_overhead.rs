@@ -1,7 +1,7 @@
 //! Measures what a remote callback costs: a 10-step generation on the embedded tiny model
 //! through an in-process server on loopback, without a callback, observe-only, and blocking at
 //! every step (empty replies, then latents sent back). Run:
-//! `cargo run --release --example callback_overhead -- [runs]`.
+//! `cargo run --release --example callback_overhead -- [runs] [cpu|cuda:N] [f32|f16|bf16]`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -79,13 +79,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+    let device_name = args.get(2).map(String::as_str).unwrap_or("cpu");
+    let device = match device_name.strip_prefix("cuda:") {
+        Some(n) => Device::new_cuda(n.parse().expect("cuda:N")).expect("a CUDA build and device"),
+        None => Device::Cpu,
+    };
+    let dtype_name = args.get(3).map(String::as_str).unwrap_or("f32");
+    let dtype = match dtype_name {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
     let engine = Engine::start(EngineConfig {
-        device: Device::Cpu,
-        dtype: DType::F32,
+        device,
+        dtype,
         models: vec![(embedded::EMBEDDED_MODEL_ID.into(), embedded::source())],
         max_queue: 4,
         default_reply_timeout: Duration::from_secs(30),
@@ -137,7 +146,7 @@ async fn main() {
     for (_, cb, echo) in &modes {
         run(&mut client, cb.clone(), *echo).await;
     }
-    println!("tiny-sd15, 10 steps, 64x64, CPU f32, {runs} runs each (medians):");
+    println!("tiny-sd15, 10 steps, 64x64, {device_name} {dtype_name}, {runs} runs each (medians):");
     println!("| mode | client wall ms | server denoise ms | callback wait ms |");
     println!("|---|---|---|---|");
     for (name, cb, echo) in &modes {

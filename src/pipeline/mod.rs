@@ -273,3 +273,103 @@ fn batch_reason(guidance: f64, cfg: bool, batch: usize, have: usize) -> String {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn state(tensors: &CallbackTensors, guidance: f64) -> StepState<'_> {
+        StepState {
+            step_index: 2,
+            timestep: 501.0,
+            num_timesteps: 10,
+            guidance_scale: guidance,
+            do_classifier_free_guidance: guidance > 1.0,
+            tensors,
+            step_ms: 1.0,
+            batch: 2,
+        }
+    }
+
+    fn all() -> Vec<String> {
+        ["latents", "prompt_embeds", "negative_prompt_embeds"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn control(g: Option<f64>, tensors: Vec<(&str, Tensor)>) -> StepControl {
+        StepControl {
+            guidance_scale: g,
+            tensors: tensors.into_iter().map(|(n, t)| (n.into(), t)).collect(),
+            interrupt: false,
+        }
+    }
+
+    #[test]
+    fn guidance_changes_must_bring_embeddings_of_the_implied_batch() {
+        // CFG on at batch 2: prompt_embeds is [neg x2; pos x2].
+        let mut t = CallbackTensors::new();
+        t.insert("latents".into(), zeros(&[2, 4, 8, 8]));
+        t.insert("prompt_embeds".into(), zeros(&[4, 77, 32]));
+        let s = state(&t, 7.5);
+        assert!(validate_control(&s, &all(), &control(Some(3.0), vec![])).is_ok());
+        let off = control(Some(1.0), vec![]);
+        assert_eq!(
+            validate_control(&s, &all(), &off).unwrap_err().field,
+            "guidance_scale"
+        );
+        let halved = control(Some(0.0), vec![("prompt_embeds", zeros(&[2, 77, 32]))]);
+        assert!(validate_control(&s, &all(), &halved).is_ok());
+        // Only prompt_embeds unsubscribed: the reason says how to fix it.
+        let e = validate_control(&s, &["latents".into()], &off).unwrap_err();
+        assert!(e.field.contains("subscribe to prompt_embeds"), "{e}");
+
+        // CFG off (batch 2 embeds): turning it back on needs [neg; pos].
+        let mut t = CallbackTensors::new();
+        t.insert("latents".into(), zeros(&[2, 4, 8, 8]));
+        t.insert("prompt_embeds".into(), zeros(&[2, 77, 32]));
+        let s = state(&t, 0.0);
+        let on = control(Some(7.5), vec![]);
+        let e = validate_control(&s, &all(), &on).unwrap_err();
+        assert!(e.reason.contains("batch 4"), "{e}");
+        let on = control(Some(7.5), vec![("prompt_embeds", zeros(&[4, 77, 32]))]);
+        assert!(validate_control(&s, &all(), &on).is_ok());
+    }
+
+    #[test]
+    fn replacement_shapes_are_checked_by_name() {
+        let mut t = CallbackTensors::new();
+        t.insert("latents".into(), zeros(&[2, 4, 8, 8]));
+        t.insert("prompt_embeds".into(), zeros(&[4, 77, 32]));
+        t.insert("negative_prompt_embeds".into(), zeros(&[2, 77, 32]));
+        let s = state(&t, 7.5);
+        let bad = [
+            ("latents", zeros(&[1, 4, 8, 8])),
+            ("prompt_embeds", zeros(&[4, 77, 16])),
+            ("prompt_embeds", zeros(&[4, 77])),
+            ("negative_prompt_embeds", zeros(&[1, 77, 32])),
+        ];
+        for (name, tensor) in bad {
+            let e = validate_control(&s, &all(), &control(None, vec![(name, tensor)])).unwrap_err();
+            assert_eq!(e.field, format!("tensors[{name}]"));
+        }
+        let twice = control(
+            None,
+            vec![
+                ("latents", zeros(&[2, 4, 8, 8])),
+                ("latents", zeros(&[2, 4, 8, 8])),
+            ],
+        );
+        assert!(validate_control(&s, &all(), &twice)
+            .unwrap_err()
+            .reason
+            .contains("twice"));
+        let nan_guidance = control(Some(f64::NAN), vec![]);
+        assert!(validate_control(&s, &all(), &nan_guidance).is_err());
+    }
+}

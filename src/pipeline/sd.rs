@@ -505,3 +505,51 @@ pub fn decode_to_unit(
         .to_dtype(DType::F32)?;
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn std_unbiased(t: &Tensor) -> f64 {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    }
+
+    #[test]
+    fn guidance_rescale_matches_diffusers_formula() {
+        let dev = Device::Cpu;
+        let text = Tensor::new(&[[1.0f32, 2.0, 4.0, 7.0]], &dev).unwrap();
+        let cfg = Tensor::new(&[[3.0f32, -1.0, 8.0, 0.5]], &dev).unwrap();
+        // Full rescale: the result has the conditional prediction's std.
+        let full = rescale_noise_cfg(&cfg, &text, 1.0).unwrap();
+        assert!((std_unbiased(&full) - std_unbiased(&text)).abs() < 1e-5);
+        // Partial: phi * rescaled + (1 - phi) * cfg, element by element.
+        let phi = 0.7;
+        let ratio = std_unbiased(&text) / std_unbiased(&cfg);
+        let got: Vec<f32> = rescale_noise_cfg(&cfg, &text, phi)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (g, c) in got.iter().zip([3.0f64, -1.0, 8.0, 0.5]) {
+            let want = phi * c * ratio + (1.0 - phi) * c;
+            assert!((*g as f64 - want).abs() < 1e-5, "{g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn repeat_per_prompt_keeps_each_prompts_copies_together() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[[1f32]], [[2f32]]], &dev).unwrap();
+        let r: Vec<f32> = repeat_per_prompt(&t, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(r, vec![1., 1., 1., 2., 2., 2.]);
+    }
+}

@@ -293,3 +293,231 @@ fn validate_callback(
         wire_dtype,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card() -> proto::ModelInfo {
+        proto::ModelInfo {
+            id: "m".into(),
+            family: "sd1".into(),
+            default_width: 512,
+            default_height: 512,
+            default_steps: 50,
+            default_guidance_scale: 7.5,
+            default_scheduler: "ddim".into(),
+            schedulers: vec!["ddim".into(), "euler".into()],
+            callback_tensor_inputs: vec!["latents".into(), "prompt_embeds".into()],
+            ..Default::default()
+        }
+    }
+
+    fn t(shape: Vec<i64>) -> proto::Tensor {
+        let n: i64 = shape.iter().product();
+        proto::Tensor {
+            dtype: proto::DType::DtypeF32 as i32,
+            shape,
+            data: vec![0; n as usize * 4],
+        }
+    }
+
+    fn field_of(req: proto::GenerateRequest) -> String {
+        match validate(&req, &card(), &Limits::default()) {
+            Err(EngineError::InvalidRequest { field, .. }) => field,
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_model() {
+        let v = validate(&Default::default(), &card(), &Limits::default()).unwrap();
+        let p = v.params;
+        assert_eq!((p.width, p.height, p.num_inference_steps), (512, 512, 50));
+        assert_eq!((p.guidance_scale, p.num_images_per_prompt), (7.5, 1));
+        assert!(p.decode && !v.return_latents && v.subscription.is_none());
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cb = |c: proto::CallbackOptions| proto::GenerateRequest {
+            callback: Some(c),
+            ..Default::default()
+        };
+        let cases: Vec<(proto::GenerateRequest, &str)> = vec![
+            (
+                proto::GenerateRequest {
+                    prompt: "x".repeat(20_000),
+                    ..Default::default()
+                },
+                "start.prompt",
+            ),
+            (
+                proto::GenerateRequest {
+                    prompt: "a".into(),
+                    prompt_embeds: Some(t(vec![1, 77, 8])),
+                    ..Default::default()
+                },
+                "start.prompt_embeds",
+            ),
+            (
+                proto::GenerateRequest {
+                    negative_prompt_embeds: Some(t(vec![1, 77, 8])),
+                    ..Default::default()
+                },
+                "start.negative_prompt_embeds",
+            ),
+            (
+                proto::GenerateRequest {
+                    num_inference_steps: 1001,
+                    ..Default::default()
+                },
+                "start.num_inference_steps",
+            ),
+            (
+                proto::GenerateRequest {
+                    guidance_scale: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "start.guidance_scale",
+            ),
+            (
+                proto::GenerateRequest {
+                    guidance_rescale: Some(1.5),
+                    ..Default::default()
+                },
+                "start.guidance_rescale",
+            ),
+            (
+                proto::GenerateRequest {
+                    eta: Some(-1.0),
+                    ..Default::default()
+                },
+                "start.eta",
+            ),
+            (
+                proto::GenerateRequest {
+                    width: Some(0),
+                    ..Default::default()
+                },
+                "start.width",
+            ),
+            (
+                proto::GenerateRequest {
+                    height: Some(100),
+                    ..Default::default()
+                },
+                "start.height",
+            ),
+            (
+                proto::GenerateRequest {
+                    width: Some(4096),
+                    ..Default::default()
+                },
+                "start.width",
+            ),
+            (
+                proto::GenerateRequest {
+                    num_images_per_prompt: 17,
+                    ..Default::default()
+                },
+                "start.num_images_per_prompt",
+            ),
+            (
+                proto::GenerateRequest {
+                    scheduler: "nope".into(),
+                    ..Default::default()
+                },
+                "start.scheduler",
+            ),
+            (
+                proto::GenerateRequest {
+                    output: Some(proto::OutputOptions {
+                        format: 9,
+                        return_latents: false,
+                    }),
+                    ..Default::default()
+                },
+                "start.output.format",
+            ),
+            (
+                proto::GenerateRequest {
+                    latents: Some(proto::Tensor {
+                        data: vec![0; 3],
+                        ..t(vec![1, 4, 64, 64])
+                    }),
+                    ..Default::default()
+                },
+                "start.latents",
+            ),
+            (
+                cb(proto::CallbackOptions {
+                    tensor_inputs: vec!["latents".into(), "latents".into()],
+                    ..Default::default()
+                }),
+                "start.callback.tensor_inputs",
+            ),
+            (
+                cb(proto::CallbackOptions {
+                    tensor_inputs: vec!["add_time_ids".into()],
+                    ..Default::default()
+                }),
+                "start.callback.tensor_inputs",
+            ),
+            (
+                cb(proto::CallbackOptions {
+                    reply_timeout_ms: 3_600_000,
+                    ..Default::default()
+                }),
+                "start.callback.reply_timeout_ms",
+            ),
+            (
+                cb(proto::CallbackOptions {
+                    on_timeout: 7,
+                    ..Default::default()
+                }),
+                "start.callback.on_timeout",
+            ),
+            (
+                cb(proto::CallbackOptions {
+                    wire_dtype: 7,
+                    ..Default::default()
+                }),
+                "start.callback.wire_dtype",
+            ),
+        ];
+        for (req, want) in cases {
+            assert_eq!(field_of(req), want);
+        }
+    }
+
+    #[test]
+    fn callback_options_become_a_subscription() {
+        let req = proto::GenerateRequest {
+            callback: Some(proto::CallbackOptions {
+                tensor_inputs: vec!["latents".into()],
+                step_indices: vec![5, 1, 5],
+                wire_dtype: proto::DType::DtypeF16 as i32,
+                ..Default::default()
+            }),
+            output: Some(proto::OutputOptions {
+                format: proto::ImageFormat::None as i32,
+                return_latents: false,
+            }),
+            ..Default::default()
+        };
+        let v = validate(&req, &card(), &Limits::default()).unwrap();
+        let s = v.subscription.unwrap();
+        assert_eq!(s.step_indices, vec![1, 5]);
+        assert!(s.wants(1) && s.wants(5) && !s.wants(2));
+        assert_eq!(s.wire_dtype, proto::DType::DtypeF16);
+        assert_eq!(s.reply_timeout, Limits::default().default_reply_timeout);
+        assert!(!v.params.decode && v.return_latents);
+        let every = Subscription {
+            step_indices: vec![],
+            every: 4,
+            ..s
+        };
+        assert!(every.wants(0) && every.wants(8) && !every.wants(3));
+    }
+}
