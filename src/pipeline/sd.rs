@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
 use crate::models::pipeline_model::StableDiffusionModel;
-use crate::rng::NoiseGenerator;
+use crate::rng::{NoiseGenerator, NoiseSource};
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
 
 /// A validated generation request, in pipeline terms.
@@ -86,7 +86,7 @@ pub struct Prepared<'m> {
     model: &'m StableDiffusionModel,
     scheduler: Box<dyn Scheduler>,
     scheduler_name: &'static str,
-    noise: NoiseGenerator,
+    noise: Box<dyn NoiseSource + Send>,
     latents: Tensor,
     prompt_embeds: Tensor,
     negative_prompt_embeds: Option<Tensor>,
@@ -292,7 +292,7 @@ pub fn prepare<'m>(
         model,
         scheduler,
         scheduler_name,
-        noise,
+        noise: Box::new(noise),
         latents,
         prompt_embeds,
         negative_prompt_embeds: negative,
@@ -308,6 +308,12 @@ impl Prepared<'_> {
     /// The scheduler's timesteps, in loop order.
     pub fn timesteps(&self) -> Vec<f64> {
         self.scheduler.timesteps().to_vec()
+    }
+
+    /// Replaces the sampler noise source (by default the request seed's generator, continuing
+    /// after the initial latents); tests use it to replay noise recorded from diffusers.
+    pub fn set_noise_source(&mut self, noise: Box<dyn NoiseSource + Send>) {
+        self.noise = noise;
     }
 
     /// The name of the scheduler in use.
@@ -375,7 +381,7 @@ impl Prepared<'_> {
             };
             self.latents = self
                 .scheduler
-                .step(&eps, i, &self.latents, &mut self.noise)?;
+                .step(&eps, i, &self.latents, self.noise.as_mut())?;
             if callback.wants(i) {
                 let tensors = self.callback_tensors();
                 let state = StepState {
