@@ -19,19 +19,27 @@ fn reply_for(case: &Case, step: &proto::StepEnd) -> proto::StepReply {
     let mut reply = ok_reply(step.step_index);
     let k = step.step_index as u64;
     match spec["type"].as_str().unwrap_or("none") {
-        "sd_cfg_cutoff" if spec["cutoff_step"].as_u64() == Some(k) => {
+        kind @ ("sd_cfg_cutoff" | "sdxl_cfg_cutoff") if spec["cutoff_step"].as_u64() == Some(k) => {
             // The client computes the cutoff itself, like SDCFGCutoffCallback.
             let ratio = spec["cutoff_step_ratio"].as_f64().unwrap();
             assert_eq!(
                 stepstream::client::cutoff_step(step.num_timesteps as usize, ratio) as u64,
                 k
             );
-            let pe = &step.tensors["prompt_embeds"];
+            // SDXLCFGCutoffCallback also keeps the conditional half of the added conditions.
+            let names: &[&str] = if kind == "sdxl_cfg_cutoff" {
+                &["prompt_embeds", "add_text_embeds", "add_time_ids"]
+            } else {
+                &["prompt_embeds"]
+            };
             reply.guidance_scale = Some(0.0);
-            reply.tensors = HashMap::from([(
-                "prompt_embeds".to_string(),
-                stepstream::client::conditional_half(pe).unwrap(),
-            )]);
+            reply.tensors = names
+                .iter()
+                .map(|n| {
+                    let half = stepstream::client::conditional_half(&step.tensors[*n]).unwrap();
+                    (n.to_string(), half)
+                })
+                .collect();
         }
         "scale_latents" if spec["step_index"].as_u64() == Some(k) => {
             let factor = spec["factor"].as_f64().unwrap();
@@ -53,8 +61,32 @@ fn scheduler_name(case: &Case) -> &'static str {
 }
 
 async fn run_case(name: &str) {
-    let case = Case::load("tiny-sd15", name);
-    let server = common::server::start(Default::default()).await;
+    run_model_case("tiny-sd15", name).await
+}
+
+async fn run_model_case(model: &str, name: &str) {
+    let case = Case::load(model, name);
+    let server = common::server::start(common::server::Options {
+        models: vec![(
+            model.to_string(),
+            stepstream::models::ModelSource::Dir(common::model_dir(model)),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let tensor_inputs: Vec<String> = if model == "tiny-sdxl" {
+        vec![
+            "latents",
+            "prompt_embeds",
+            "add_text_embeds",
+            "add_time_ids",
+        ]
+    } else {
+        vec!["latents", "prompt_embeds", "negative_prompt_embeds"]
+    }
+    .into_iter()
+    .map(String::from)
+    .collect();
     let mut client = server.client().await;
     let j = &case.json;
     let request = proto::GenerateRequest {
@@ -67,11 +99,7 @@ async fn run_case(name: &str) {
         scheduler: scheduler_name(&case).into(),
         latents: Some(wire(&case.tensor("init_latents"))),
         callback: Some(proto::CallbackOptions {
-            tensor_inputs: vec![
-                "latents".into(),
-                "prompt_embeds".into(),
-                "negative_prompt_embeds".into(),
-            ],
+            tensor_inputs: tensor_inputs.clone(),
             ..Default::default()
         }),
         output: Some(proto::OutputOptions {
@@ -114,21 +142,19 @@ async fn run_case(name: &str) {
                 let d = rel_diff(&lat, &case.step_tensor(k, &["callback_in", "latents"]));
                 worst_latents = worst_latents.max(d);
                 assert!(d <= LATENTS_TOL, "{name} step {k}: latents rel diff {d}");
-                let pe = unwire(&step.tensors["prompt_embeds"]);
-                let d = common::max_abs_diff(
-                    &pe,
-                    &case.step_tensor(k, &["callback_in", "prompt_embeds"]),
-                );
-                assert!(d <= EMBEDS_TOL, "{name} step {k}: prompt_embeds diff {d}");
-                if let Some(ne) = step.tensors.get("negative_prompt_embeds") {
-                    let d = common::max_abs_diff(
-                        &unwire(ne),
-                        &case.step_tensor(k, &["callback_in", "negative_prompt_embeds"]),
-                    );
-                    assert!(
-                        d <= EMBEDS_TOL,
-                        "{name} step {k}: negative_prompt_embeds diff {d}"
-                    );
+                // The conditioning tensors as the callback sees them (None-valued ones are absent).
+                for t in tensor_inputs.iter().filter(|t| *t != "latents") {
+                    let recorded = &case.step(k)["callback_in"][t.as_str()];
+                    match step.tensors.get(t.as_str()) {
+                        Some(got) => {
+                            let d = common::max_abs_diff(
+                                &unwire(got),
+                                &case.tensor(recorded.as_str().unwrap()),
+                            );
+                            assert!(d <= EMBEDS_TOL, "{name} step {k}: {t} diff {d}");
+                        }
+                        None => assert!(recorded.is_null(), "{name} step {k}: {t} missing"),
+                    }
                 }
                 executed.push(step.step_index as u64);
                 let reply = reply_for(&case, &step);
@@ -213,4 +239,24 @@ async fn euler_10_matches_diffusers_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guidance_one_runs_without_cfg_and_matches_diffusers() {
     run_case("ddim-10-guidance1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_euler_10_with_zero_negative_conditioning_matches_diffusers() {
+    run_model_case("tiny-sdxl", "euler-10").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_cfg_cutoff_by_a_remote_client_matches_diffusers() {
+    run_model_case("tiny-sdxl", "euler-10-cfg-cutoff").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_negative_prompt_matches_diffusers() {
+    run_model_case("tiny-sdxl", "neg-prompt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_empty_negative_prompt_is_encoded_not_zeroed() {
+    run_model_case("tiny-sdxl", "neg-empty").await;
 }

@@ -7,21 +7,48 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use super::{ModelError, ModelSource, Result};
 
-/// Files a Stable Diffusion 1.x/2.x diffusers repo needs; `(path, required)`.
-const SD_FILES: &[(&str, bool)] = &[
-    ("model_index.json", true),
-    ("scheduler/scheduler_config.json", true),
-    ("tokenizer/vocab.json", true),
-    ("tokenizer/merges.txt", true),
-    ("tokenizer/tokenizer_config.json", false),
-    ("tokenizer/special_tokens_map.json", false),
-    ("text_encoder/config.json", true),
-    ("text_encoder/model.safetensors", true),
-    ("unet/config.json", true),
-    ("unet/diffusion_pytorch_model.safetensors", true),
-    ("vae/config.json", true),
-    ("vae/diffusion_pytorch_model.safetensors", true),
-];
+/// The files a diffusers repo needs, from its `model_index.json`: `(path, required)` for every
+/// component it names (`tokenizer_2` and `text_encoder_2` too, for SDXL).
+pub fn needed_files(model_index: &serde_json::Value) -> Vec<(String, bool)> {
+    let mut files = vec![("model_index.json".to_string(), true)];
+    let Some(obj) = model_index.as_object() else {
+        return files;
+    };
+    for (name, entry) in obj {
+        // Components are `[library, class]` pairs; `[null, null]` means absent.
+        let class = match entry
+            .as_array()
+            .and_then(|a| a.get(1))
+            .and_then(|c| c.as_str())
+        {
+            Some(c) => c,
+            None => continue,
+        };
+        let per_component: &[(&str, bool)] = if class.ends_with("Tokenizer") {
+            &[
+                ("vocab.json", true),
+                ("merges.txt", true),
+                ("tokenizer_config.json", false),
+                ("special_tokens_map.json", false),
+            ]
+        } else if class.starts_with("CLIPTextModel") {
+            &[("config.json", true), ("model.safetensors", true)]
+        } else if class.ends_with("Scheduler") {
+            &[("scheduler_config.json", true)]
+        } else if name == "unet" || name == "vae" {
+            &[
+                ("config.json", true),
+                ("diffusion_pytorch_model.safetensors", true),
+            ]
+        } else {
+            continue;
+        };
+        for (f, required) in per_component {
+            files.push((format!("{name}/{f}"), *required));
+        }
+    }
+    files
+}
 
 /// A parsed hub model id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,14 +135,24 @@ pub fn resolve_from_cache(cache: &Cache, hub: &HubId) -> Result<PathBuf> {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| hub.revision.clone());
     let snapshot = folder.join("snapshots").join(&commit);
-    for (file, required) in SD_FILES {
-        if *required && !snapshot.join(file).is_file() {
-            return Err(ModelError::Hub(format!(
-                "{}@{} is not fully in the cache at {} (missing {file}); unset HF_HUB_OFFLINE to download it",
-                hub.repo,
-                hub.revision,
-                cache.path().display()
-            )));
+    let not_cached = |file: &str| {
+        ModelError::Hub(format!(
+            "{}@{} is not fully in the cache at {} (missing {file}); unset HF_HUB_OFFLINE to download it",
+            hub.repo,
+            hub.revision,
+            cache.path().display()
+        ))
+    };
+    let index_bytes = std::fs::read(snapshot.join("model_index.json"))
+        .map_err(|_| not_cached("model_index.json"))?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&index_bytes).map_err(|source| ModelError::Json {
+            path: snapshot.join("model_index.json").display().to_string(),
+            source,
+        })?;
+    for (file, required) in needed_files(&index) {
+        if required && !snapshot.join(&file).is_file() {
+            return Err(not_cached(&file));
         }
     }
     Ok(snapshot)
@@ -132,26 +169,72 @@ fn download(hub: &HubId) -> Result<PathBuf> {
         RepoType::Model,
         hub.revision.clone(),
     ));
-    let mut snapshot = None;
-    for (file, required) in SD_FILES {
-        match repo.get(file) {
-            Ok(p) => {
-                if *file == "model_index.json" {
-                    snapshot = p.parent().map(Path::to_path_buf);
-                }
-            }
-            Err(e) if *required => {
+    let index_path = repo
+        .get("model_index.json")
+        .map_err(|e| ModelError::Hub(format!("{}: model_index.json: {e}", hub.repo)))?;
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).map_err(
+        |source| ModelError::Io {
+            path: index_path.display().to_string(),
+            source,
+        },
+    )?)
+    .map_err(|source| ModelError::Json {
+        path: index_path.display().to_string(),
+        source,
+    })?;
+    for (file, required) in needed_files(&index) {
+        match repo.get(&file) {
+            Ok(_) => {}
+            Err(e) if required => {
                 return Err(ModelError::Hub(format!("{}: {file}: {e}", hub.repo)));
             }
             Err(_) => {}
         }
     }
-    snapshot.ok_or_else(|| ModelError::Hub(format!("{}: no model_index.json", hub.repo)))
+    index_path
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ModelError::Hub(format!("{}: no snapshot folder", hub.repo)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn needed_files_follow_model_index_components() {
+        let index = serde_json::json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": true,
+            "feature_extractor": [null, null],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+        let files = needed_files(&index);
+        let required: Vec<&str> = files
+            .iter()
+            .filter(|(_, r)| *r)
+            .map(|(f, _)| f.as_str())
+            .collect();
+        for f in [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder_2/model.safetensors",
+            "tokenizer_2/merges.txt",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+        ] {
+            assert!(required.contains(&f), "{f} in {required:?}");
+        }
+        assert!(!files
+            .iter()
+            .any(|(f, _)| f.starts_with("feature_extractor")));
+    }
 
     #[test]
     fn hub_ids_parse_with_and_without_revision() {

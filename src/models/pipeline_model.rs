@@ -9,6 +9,7 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
 use super::{ModelError, ModelSource, Result};
+use crate::schedulers::config::TimestepSpacing;
 use crate::schedulers::{self, SchedulerConfig};
 
 /// Which pipeline family a model belongs to.
@@ -38,6 +39,9 @@ impl Family {
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// SDXL: a `None` negative prompt means all-zero negative conditioning.
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
 }
 
 /// The defaults a model advertises (ListModels) and requests fall back to.
@@ -47,15 +51,25 @@ pub struct ModelDefaults {
     pub width: u32,
     /// Native height in pixels.
     pub height: u32,
-    /// diffusers' default number of inference steps.
+    /// Default number of inference steps.
     pub steps: u32,
-    /// diffusers' default guidance scale.
+    /// Default guidance scale.
     pub guidance_scale: f32,
     /// The scheduler used when a request names none.
     pub scheduler: &'static str,
 }
 
-/// A loaded Stable Diffusion 1.x/2.x model, ready to run on its device.
+/// SDXL's second text encoder and its tokenizer (`text_encoder_2`, `tokenizer_2`).
+pub struct SecondEncoder {
+    /// `tokenizer_2` (pads with `!`).
+    pub tokenizer: ClipTokenizer,
+    /// `text_encoder_2` (CLIPTextModelWithProjection).
+    pub text_encoder: ClipTextModel,
+    /// Its config.
+    pub config: ClipTextConfig,
+}
+
+/// A loaded Stable Diffusion 1.x / 2.x / XL model, ready to run on its device.
 pub struct StableDiffusionModel {
     /// The id clients use (folder name, hub id, or the embedded model's name).
     pub id: String,
@@ -67,6 +81,10 @@ pub struct StableDiffusionModel {
     pub text_encoder: ClipTextModel,
     /// The text encoder's config.
     pub text_config: ClipTextConfig,
+    /// SDXL's second encoder.
+    pub encoder_2: Option<SecondEncoder>,
+    /// SDXL: whether an unset negative prompt gives zero conditioning.
+    pub force_zeros_for_empty_prompt: bool,
     /// The denoising UNet.
     pub unet: UNet2DConditionModel,
     /// The UNet's config.
@@ -89,48 +107,92 @@ pub struct StableDiffusionModel {
 pub const SD_CALLBACK_TENSOR_INPUTS: &[&str] =
     &["latents", "prompt_embeds", "negative_prompt_embeds"];
 
+/// The tensors a callback may read and replace for SDXL (diffusers 0.42.1's list).
+pub const SDXL_CALLBACK_TENSOR_INPUTS: &[&str] = &[
+    "latents",
+    "prompt_embeds",
+    "add_text_embeds",
+    "add_time_ids",
+];
+
+fn unsupported(source: &ModelSource, file: &str, reason: impl Into<String>) -> ModelError {
+    ModelError::Unsupported {
+        path: format!("{}/{file}", source.describe()),
+        reason: reason.into(),
+    }
+}
+
 impl StableDiffusionModel {
     /// Loads every component named in `model_index.json` from `source` onto `device` in `dtype`.
     pub fn load(id: String, source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let index: ModelIndex = source.read_json("model_index.json")?;
         let unet_config = UNetConfig::load(source, "unet")?;
+        let text_config = ClipTextConfig::load(source, "text_encoder")?;
         let family = match index.class_name.as_str() {
-            "StableDiffusionPipeline" => {
-                if unet_config.cross_attention_dim.per_block(1) == Some(vec![1024]) {
-                    Family::Sd2
-                } else {
-                    Family::Sd1
-                }
+            // SD 2.x: OpenCLIP-H (exact GELU) text encoder, 1024-wide cross attention.
+            "StableDiffusionPipeline"
+                if unet_config.cross_attention_dim.per_block(1) == Some(vec![1024])
+                    || text_config.hidden_act == "gelu" =>
+            {
+                Family::Sd2
             }
-            "StableDiffusionXLPipeline" => {
-                return Err(ModelError::Unsupported {
-                    path: format!("{}/model_index.json", source.describe()),
-                    reason: "StableDiffusionXLPipeline is not supported by this build yet".into(),
-                })
-            }
+            "StableDiffusionPipeline" => Family::Sd1,
+            "StableDiffusionXLPipeline" => Family::Sdxl,
             other => {
-                return Err(ModelError::Unsupported {
-                    path: format!("{}/model_index.json", source.describe()),
-                    reason: format!(
-                        "pipeline class `{other}` (supported: StableDiffusionPipeline)"
+                return Err(unsupported(
+                    source,
+                    "model_index.json",
+                    format!(
+                        "pipeline class `{other}` (supported: StableDiffusionPipeline, StableDiffusionXLPipeline)"
                     ),
-                })
+                ))
             }
         };
+        if (family == Family::Sdxl) != unet_config.needs_added_conditions() {
+            return Err(unsupported(
+                source,
+                "unet/config.json",
+                format!(
+                    "a {} pipeline needs a UNet {} text_time conditioning",
+                    index.class_name,
+                    if family == Family::Sdxl {
+                        "with"
+                    } else {
+                        "without"
+                    }
+                ),
+            ));
+        }
         let scheduler_bytes = source.read("scheduler/scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::from_json_bytes(&scheduler_bytes).map_err(|e| {
-            ModelError::Unsupported {
-                path: format!("{}/scheduler/scheduler_config.json", source.describe()),
-                reason: e.to_string(),
-            }
-        })?;
+        let scheduler_config = SchedulerConfig::from_json_bytes(&scheduler_bytes)
+            .map_err(|e| unsupported(source, "scheduler/scheduler_config.json", e.to_string()))?;
         let scheduler_config = legacy_scheduler_fixups(&id, scheduler_config);
         let tokenizer = ClipTokenizer::load(source, "tokenizer")?;
-        let text_config = ClipTextConfig::load(source, "text_encoder")?;
         let text_encoder = ClipTextModel::new(
             source.var_builder("text_encoder", dtype, device)?,
             &text_config,
         )?;
+        let encoder_2 = if family == Family::Sdxl {
+            let config = ClipTextConfig::load(source, "text_encoder_2")?;
+            let text_encoder = ClipTextModel::new(
+                source.var_builder("text_encoder_2", dtype, device)?,
+                &config,
+            )?;
+            if !text_encoder.has_projection() {
+                return Err(unsupported(
+                    source,
+                    "text_encoder_2",
+                    "SDXL's text_encoder_2 needs a text_projection (CLIPTextModelWithProjection)",
+                ));
+            }
+            Some(SecondEncoder {
+                tokenizer: ClipTokenizer::load(source, "tokenizer_2")?,
+                text_encoder,
+                config,
+            })
+        } else {
+            None
+        };
         let unet =
             UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
         let vae_config = VaeConfig::load(source, "vae")?;
@@ -158,12 +220,16 @@ impl StableDiffusionModel {
                 );
                 "ddim"
             });
+        // Distilled (Turbo-style) models ship trailing timestep spacing: few steps, no CFG.
+        let distilled = scheduler_config.timestep_spacing == Some(TimestepSpacing::Trailing);
         Ok(Self {
             id,
             family,
             tokenizer,
             text_encoder,
             text_config,
+            encoder_2,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
             unet,
             unet_config,
             vae,
@@ -172,8 +238,8 @@ impl StableDiffusionModel {
             defaults: ModelDefaults {
                 width: native,
                 height: native,
-                steps: 50,
-                guidance_scale: 7.5,
+                steps: if distilled { 4 } else { 50 },
+                guidance_scale: if distilled { 0.0 } else { 7.5 },
                 scheduler: default_scheduler,
             },
             device: device.clone(),
@@ -186,9 +252,33 @@ impl StableDiffusionModel {
         vae_scale_factor(&self.vae_config)
     }
 
-    /// The width of the text encoder's embeddings (the UNet's cross-attention width).
+    /// The width of the prompt embeddings the UNet cross-attends to (both encoders for SDXL).
     pub fn text_encoder_hidden_size(&self) -> usize {
         self.text_config.hidden_size
+            + self
+                .encoder_2
+                .as_ref()
+                .map(|e| e.config.hidden_size)
+                .unwrap_or(0)
+    }
+
+    /// Checks that pooled embeddings of width `pooled_dim` and `n_time_ids` time ids fit the UNet's
+    /// add-embedding (diffusers' `_get_add_time_ids` check).
+    pub fn check_added_conditions(
+        &self,
+        pooled_dim: usize,
+        n_time_ids: usize,
+    ) -> std::result::Result<(), String> {
+        let per_id = self.unet_config.addition_time_embed_dim.unwrap_or(0);
+        let want = self.unet_config.projection_class_embeddings_input_dim;
+        let got = per_id * n_time_ids + pooled_dim;
+        if want != Some(got) {
+            return Err(format!(
+                "the UNet's add embedding expects {want:?} inputs but addition_time_embed_dim \
+                 {per_id} x {n_time_ids} time ids + pooled {pooled_dim} = {got}"
+            ));
+        }
+        Ok(())
     }
 
     /// Latent channels the UNet denoises.
@@ -198,7 +288,10 @@ impl StableDiffusionModel {
 
     /// The tensors a callback may read and replace.
     pub fn callback_tensor_inputs(&self) -> &'static [&'static str] {
-        SD_CALLBACK_TENSOR_INPUTS
+        match self.family {
+            Family::Sdxl => SDXL_CALLBACK_TENSOR_INPUTS,
+            _ => SD_CALLBACK_TENSOR_INPUTS,
+        }
     }
 }
 

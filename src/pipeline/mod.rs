@@ -188,25 +188,26 @@ pub fn validate_control(
                     ));
                 }
             }
-            "prompt_embeds" => {
+            name if CFG_BATCHED.contains(&name) => {
                 let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
                 let want_batch = if new_cfg {
                     2 * state.batch
                 } else {
                     state.batch
                 };
-                let cd = cur.dims();
-                let td = t.dims();
-                if td.len() != 3 || td[1] != cd[1] || td[2] != cd[2] {
+                let (cd, td) = (cur.dims(), t.dims());
+                if td.len() != cd.len() || td[1..] != cd[1..] {
+                    let mut want = vec!["batch".to_string()];
+                    want.extend(cd[1..].iter().map(|d| d.to_string()));
                     return Err(Rejection::new(
                         field,
-                        format!("shape {td:?} must be [batch, {}, {}]", cd[1], cd[2]),
+                        format!("shape {td:?} must be [{}]", want.join(", ")),
                     ));
                 }
                 if td[0] != want_batch {
                     return Err(Rejection::new(
                         field,
-                        batch_reason(new_guidance, new_cfg, state.batch, td[0]),
+                        batch_reason(name, new_guidance, new_cfg, state.batch, td[0]),
                     ));
                 }
             }
@@ -232,25 +233,27 @@ pub fn validate_control(
             }
         }
     }
-    // A guidance change that flips CFG must come with prompt_embeds of the new batch size.
-    let replaces_embeds = control.tensors.iter().any(|(n, _)| n == "prompt_embeds");
-    if !replaces_embeds {
-        if let Some(pe) = state.tensors.get("prompt_embeds") {
-            let want_batch = if new_cfg {
-                2 * state.batch
-            } else {
-                state.batch
-            };
-            let have = pe.dims()[0];
+    // A guidance change that flips CFG must come with every CFG-batched tensor at the new batch.
+    let want_batch = if new_cfg {
+        2 * state.batch
+    } else {
+        state.batch
+    };
+    for name in CFG_BATCHED {
+        if control.tensors.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if let Some(cur) = state.tensors.get(*name) {
+            let have = cur.dims()[0];
             if have != want_batch {
-                let field = if allowed.iter().any(|a| a == "prompt_embeds") {
-                    "guidance_scale"
+                let field = if allowed.iter().any(|a| a == name) {
+                    "guidance_scale".to_string()
                 } else {
-                    "guidance_scale (subscribe to prompt_embeds to change it)"
+                    format!("guidance_scale (subscribe to {name} to change it)")
                 };
                 return Err(Rejection::new(
                     field,
-                    batch_reason(new_guidance, new_cfg, state.batch, have),
+                    batch_reason(name, new_guidance, new_cfg, state.batch, have),
                 ));
             }
         }
@@ -258,18 +261,21 @@ pub fn validate_control(
     Ok(())
 }
 
-fn batch_reason(guidance: f64, cfg: bool, batch: usize, have: usize) -> String {
+/// Tensors whose batch is doubled (`[negative; positive]`) while classifier-free guidance runs.
+pub const CFG_BATCHED: &[&str] = &["prompt_embeds", "add_text_embeds", "add_time_ids"];
+
+fn batch_reason(name: &str, guidance: f64, cfg: bool, batch: usize, have: usize) -> String {
     if cfg {
         format!(
-            "guidance_scale {guidance} runs classifier-free guidance, so prompt_embeds must be \
+            "guidance_scale {guidance} runs classifier-free guidance, so {name} must be \
              [negative; positive] with batch {} (got {have})",
             2 * batch
         )
     } else {
         format!(
-            "guidance_scale {guidance} (<= 1) turns classifier-free guidance off, so prompt_embeds \
+            "guidance_scale {guidance} (<= 1) turns classifier-free guidance off, so {name} \
              must hold only the conditional half with batch {batch} (got {have}); send \
-             prompt_embeds[{batch}:] with this reply"
+             {name}[{batch}:] with this reply"
         )
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
 use crate::models::pipeline_model::StableDiffusionModel;
@@ -90,6 +90,8 @@ pub struct Prepared<'m> {
     latents: Tensor,
     prompt_embeds: Tensor,
     negative_prompt_embeds: Option<Tensor>,
+    add_text_embeds: Option<Tensor>,
+    add_time_ids: Option<Tensor>,
     guidance_scale: f64,
     guidance_rescale: f64,
     batch: usize,
@@ -104,13 +106,59 @@ fn invalid(field: &str, reason: impl Into<String>) -> PipelineError {
     }
 }
 
-/// Encodes `text` with the model's tokenizer and text encoder: `[1, 77, D]` f32.
-fn encode_text(model: &StableDiffusionModel, text: &str) -> Result<Tensor, PipelineError> {
-    let ids = model.tokenizer.encode(text)?;
+fn run_encoder(
+    tokenizer: &crate::models::tokenizer::ClipTokenizer,
+    encoder: &crate::models::clip::ClipTextModel,
+    device: &Device,
+    text: &str,
+) -> Result<crate::models::clip::ClipTextOutput, PipelineError> {
+    let ids = tokenizer.encode(text)?;
     let n = ids.len();
-    let ids = Tensor::from_vec(ids, (1, n), &model.device)?;
-    let out = model.text_encoder.forward(&ids)?;
-    Ok(out.last_hidden_state.to_dtype(DType::F32)?)
+    let ids = Tensor::from_vec(ids, (1, n), device)?;
+    Ok(encoder.forward(&ids)?)
+}
+
+/// Encodes `text` like diffusers' `encode_prompt`: `([1, 77, D], pooled)` in f32. SD 1.x/2.x use
+/// the text encoder's last hidden state and have no pooled output; SDXL concatenates both
+/// encoders' penultimate hidden states and pools with `text_encoder_2`'s projection.
+fn encode_text(
+    model: &StableDiffusionModel,
+    text: &str,
+) -> Result<(Tensor, Option<Tensor>), PipelineError> {
+    let first = run_encoder(&model.tokenizer, &model.text_encoder, &model.device, text)?;
+    match &model.encoder_2 {
+        None => Ok((first.last_hidden_state.to_dtype(DType::F32)?, None)),
+        Some(e2) => {
+            let second = run_encoder(&e2.tokenizer, &e2.text_encoder, &model.device, text)?;
+            let embeds = Tensor::cat(
+                &[
+                    &first.penultimate_hidden_state,
+                    &second.penultimate_hidden_state,
+                ],
+                D::Minus1,
+            )?
+            .to_dtype(DType::F32)?;
+            let pooled = second
+                .text_embeds
+                .ok_or_else(|| PipelineError::InvalidRequest {
+                    field: "model".into(),
+                    reason: "text_encoder_2 has no projection".into(),
+                })?;
+            Ok((embeds, Some(pooled.to_dtype(DType::F32)?)))
+        }
+    }
+}
+
+/// `[B, P]` -> `[B*N, P]` with each prompt's row repeated N times in a row.
+fn repeat_rows_per_prompt(t: &Tensor, n: usize) -> Result<Tensor, PipelineError> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let (b, p) = t.dims2()?;
+    Ok(t.unsqueeze(1)?
+        .broadcast_as((b, n, p))?
+        .contiguous()?
+        .reshape((b * n, p))?)
 }
 
 /// `[B, S, D]` -> `[B*N, S, D]` with each prompt's rows repeated N times in a row (diffusers' order).
@@ -207,59 +255,101 @@ pub fn prepare<'m>(
             )),
         }
     };
-    let positive = match &params.prompt_embeds {
+    let sdxl = model.encoder_2.is_some();
+    if sdxl && params.prompt_embeds.is_some() {
+        return Err(invalid(
+            "prompt_embeds",
+            "SDXL also needs pooled prompt embeddings, which requests cannot carry yet; send a prompt",
+        ));
+    }
+    let (positive, pooled) = match &params.prompt_embeds {
         Some(pe) => {
             check_embeds("prompt_embeds", pe)?;
-            pe.to_dtype(DType::F32)?.to_device(device)?
+            (pe.to_dtype(DType::F32)?.to_device(device)?, None)
         }
         None => encode_text(model, &params.prompt)?,
     };
     let b = positive.dim(0)?;
-    let negative = if cfg {
-        Some(match &params.negative_prompt_embeds {
-            Some(ne) => {
-                check_embeds("negative_prompt_embeds", ne)?;
-                if ne.dims() != positive.dims() {
-                    return Err(invalid(
-                        "negative_prompt_embeds",
-                        format!(
-                            "shape {:?} must equal prompt_embeds' shape {:?}",
-                            ne.dims(),
-                            positive.dims()
-                        ),
-                    ));
-                }
-                ne.to_dtype(DType::F32)?.to_device(device)?
-            }
-            None => {
-                let text = params.negative_prompt.as_deref().unwrap_or("");
-                let one = encode_text(model, text)?;
-                if one.dim(1)? != positive.dim(1)? {
-                    return Err(invalid(
-                        "prompt_embeds",
-                        format!(
-                            "sequence length {} differs from the tokenizer's {}; pass negative_prompt_embeds too",
-                            positive.dim(1)?,
-                            one.dim(1)?
-                        ),
-                    ));
-                }
-                if b == 1 {
-                    one
-                } else {
-                    repeat_per_prompt(&one, b)?
-                }
-            }
-        })
-    } else {
+    let negative: Option<(Tensor, Option<Tensor>)> = if !cfg {
         None
+    } else if let Some(ne) = &params.negative_prompt_embeds {
+        check_embeds("negative_prompt_embeds", ne)?;
+        if ne.dims() != positive.dims() {
+            return Err(invalid(
+                "negative_prompt_embeds",
+                format!(
+                    "shape {:?} must equal prompt_embeds' shape {:?}",
+                    ne.dims(),
+                    positive.dims()
+                ),
+            ));
+        }
+        Some((ne.to_dtype(DType::F32)?.to_device(device)?, None))
+    } else if sdxl && params.negative_prompt.is_none() && model.force_zeros_for_empty_prompt {
+        // diffusers' force_zeros_for_empty_prompt: no negative prompt means zero conditioning.
+        Some((
+            positive.zeros_like()?,
+            pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+        ))
+    } else {
+        let text = params.negative_prompt.as_deref().unwrap_or("");
+        let (one, one_pooled) = encode_text(model, text)?;
+        if one.dim(1)? != positive.dim(1)? {
+            return Err(invalid(
+                "prompt_embeds",
+                format!(
+                    "sequence length {} differs from the tokenizer's {}; pass negative_prompt_embeds too",
+                    positive.dim(1)?,
+                    one.dim(1)?
+                ),
+            ));
+        }
+        let one = if b == 1 {
+            one
+        } else {
+            repeat_per_prompt(&one, b)?
+        };
+        Some((one, one_pooled))
     };
     let positive = repeat_per_prompt(&positive, n_img)?;
-    let negative = negative.map(|t| repeat_per_prompt(&t, n_img)).transpose()?;
+    let pooled = pooled
+        .map(|p| repeat_rows_per_prompt(&p, n_img))
+        .transpose()?;
+    let (negative, negative_pooled) = match negative {
+        Some((n, np)) => (
+            Some(repeat_per_prompt(&n, n_img)?),
+            np.map(|p| repeat_rows_per_prompt(&p, n_img)).transpose()?,
+        ),
+        None => (None, None),
+    };
     let prompt_embeds = match &negative {
         Some(neg) => Tensor::cat(&[neg, &positive], 0)?,
         None => positive,
     };
+    // SDXL micro-conditioning: pooled text embeds and (original size, crop, target size).
+    let (add_text_embeds, add_time_ids) = match pooled {
+        Some(pooled) => {
+            let (h, w) = (params.height as f32, params.width as f32);
+            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], device)?;
+            model
+                .check_added_conditions(pooled.dim(1)?, 6)
+                .map_err(|reason| invalid("model", reason))?;
+            let text = match &negative_pooled {
+                Some(np) => Tensor::cat(&[np, &pooled], 0)?,
+                None => pooled,
+            };
+            // diffusers: cat([negative, positive]).repeat(batch, 1): rows alternate under CFG.
+            let rows = if negative.is_some() {
+                Tensor::cat(&[&ids, &ids], 0)?
+            } else {
+                ids
+            };
+            let times = rows.repeat((b * n_img, 1))?;
+            (Some(text), Some(times))
+        }
+        None => (None, None),
+    };
+    let negative = if sdxl { None } else { negative };
     let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // Initial latents.
@@ -296,6 +386,8 @@ pub fn prepare<'m>(
         latents,
         prompt_embeds,
         negative_prompt_embeds: negative,
+        add_text_embeds,
+        add_time_ids,
         guidance_scale: params.guidance_scale,
         guidance_rescale: params.guidance_rescale,
         batch,
@@ -329,6 +421,12 @@ impl Prepared<'_> {
         if let Some(n) = &self.negative_prompt_embeds {
             m.insert("negative_prompt_embeds".into(), n.clone());
         }
+        if let Some(t) = &self.add_text_embeds {
+            m.insert("add_text_embeds".into(), t.clone());
+        }
+        if let Some(t) = &self.add_time_ids {
+            m.insert("add_time_ids".into(), t.clone());
+        }
         m
     }
 
@@ -346,7 +444,7 @@ impl Prepared<'_> {
         };
         let loop_start = Instant::now();
         let mut interrupted = false;
-        let mut embeds_compute = self.prompt_embeds.to_dtype(model.dtype)?;
+        let mut cond = self.compute_conditions()?;
         for (i, &t) in timesteps.iter().enumerate() {
             if interrupted {
                 continue;
@@ -364,7 +462,7 @@ impl Prepared<'_> {
             let x = self.scheduler.scale_model_input(&x, i)?;
             let eps = model
                 .unet
-                .forward(&x.to_dtype(model.dtype)?, t, &embeds_compute, None)?
+                .forward(&x.to_dtype(model.dtype)?, t, &cond.0, cond.1.as_ref())?
                 .to_dtype(DType::F32)?;
             let eps = if cfg {
                 let b = self.latents.dim(0)?;
@@ -399,7 +497,7 @@ impl Prepared<'_> {
                 timings.callback_wait_ms += wait_start.elapsed().as_secs_f64() * 1e3;
                 interrupted |= control.interrupt;
                 if self.apply(control)? {
-                    embeds_compute = self.prompt_embeds.to_dtype(model.dtype)?;
+                    cond = self.compute_conditions()?;
                 }
             }
         }
@@ -422,7 +520,22 @@ impl Prepared<'_> {
 }
 
 impl Prepared<'_> {
-    /// Applies a validated control; returns whether `prompt_embeds` changed.
+    /// The UNet's conditioning in the compute dtype: prompt embeddings and SDXL's added conditions.
+    fn compute_conditions(
+        &self,
+    ) -> Result<(Tensor, Option<crate::models::unet::AddedConditions>), PipelineError> {
+        let dtype = self.model.dtype;
+        let added = match (&self.add_text_embeds, &self.add_time_ids) {
+            (Some(text), Some(time)) => Some(crate::models::unet::AddedConditions {
+                text_embeds: text.to_dtype(dtype)?,
+                time_ids: time.to_dtype(dtype)?,
+            }),
+            _ => None,
+        };
+        Ok((self.prompt_embeds.to_dtype(dtype)?, added))
+    }
+
+    /// Applies a validated control; returns whether the UNet's conditioning changed.
     fn apply(&mut self, control: StepControl) -> Result<bool, PipelineError> {
         if let Some(g) = control.guidance_scale {
             self.guidance_scale = g;
@@ -438,6 +551,14 @@ impl Prepared<'_> {
                 }
                 // Kept for later callbacks to read; like diffusers, the loop itself only uses prompt_embeds.
                 "negative_prompt_embeds" => self.negative_prompt_embeds = Some(t),
+                "add_text_embeds" => {
+                    self.add_text_embeds = Some(t);
+                    embeds_changed = true;
+                }
+                "add_time_ids" => {
+                    self.add_time_ids = Some(t);
+                    embeds_changed = true;
+                }
                 other => {
                     return Err(PipelineError::InvalidRequest {
                         field: format!("tensors[{other}]"),
