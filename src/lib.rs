@@ -2,6 +2,7 @@
 //! the denoising loop step by step (the remote form of diffusers' `callback_on_step_end`).
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod client;
 pub mod engine;
 pub mod models;

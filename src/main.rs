@@ -27,6 +27,31 @@ enum Command {
     Serve(ServeArgs),
     /// Generate one image through a running server (a client with a progress bar).
     Generate(GenerateArgs),
+    /// Measure what a remote callback costs: an in-process server on loopback, driven by a real
+    /// gRPC client, per callback mode (prints a table and a JSON line).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Model to load (default: the embedded tiny model).
+    #[arg(long, env = "STEPSTREAM_MODEL")]
+    model: Option<String>,
+    /// Device: `cpu` or `cuda:N`.
+    #[arg(long, env = "STEPSTREAM_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "STEPSTREAM_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Timed runs per mode (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Denoising steps per generation.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Image side in pixels (0: the model's native size).
+    #[arg(long, default_value_t = 0)]
+    size: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +183,47 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+async fn bench(args: BenchArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let model = match &args.model {
+        Some(m) => hub::resolve(m).with_context(|| format!("--model {m}"))?,
+        None => (embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source()),
+    };
+    let limits = Limits::default();
+    let config = EngineConfig {
+        device,
+        dtype,
+        models: vec![model.clone()],
+        max_queue: 4,
+        default_reply_timeout: limits.default_reply_timeout,
+        max_reply_timeout: limits.max_reply_timeout,
+        max_tensor_bytes: limits.max_tensor_bytes,
+    };
+    let opts = stepstream::bench::BenchOptions {
+        runs: args.runs,
+        steps: args.steps,
+        size: args.size,
+    };
+    let rows = stepstream::bench::run(config, &opts).await?;
+    println!(
+        "model {}, {} steps, {} on {} {}, {} runs per mode (medians):",
+        model.0,
+        args.steps,
+        if args.size == 0 {
+            "native size".to_string()
+        } else {
+            format!("{0}x{0}", args.size)
+        },
+        args.device,
+        args.dtype,
+        args.runs
+    );
+    print!("{}", stepstream::bench::table(&rows));
+    println!("{}", stepstream::bench::json_line(&rows));
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -283,5 +349,6 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(a) => serve(a).await,
         Command::Generate(a) => generate(a).await,
+        Command::Bench(a) => bench(a).await,
     }
 }
