@@ -127,7 +127,7 @@ pub async fn generate(
                 )));
             }
             Some(server_message::Kind::Completed(c)) => return Ok(c),
-            None => {}
+            Some(server_message::Kind::Queued(_)) | None => {}
         }
     }
     Err(ClientError::Protocol(

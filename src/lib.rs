@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod engine;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod proto;

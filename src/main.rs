@@ -75,6 +75,76 @@ struct ServeArgs {
     /// Generations that may wait behind the running one; more are refused (RESOURCE_EXHAUSTED).
     #[arg(long, env = "STEPSTREAM_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
+    /// The longest reply deadline a request may ask for, in milliseconds.
+    #[arg(
+        long,
+        env = "STEPSTREAM_MAX_REPLY_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
+    max_reply_timeout_ms: u64,
+    /// Most denoising steps per request.
+    #[arg(long, env = "STEPSTREAM_MAX_STEPS", default_value_t = 1000)]
+    max_steps: u32,
+    /// Largest width or height in pixels.
+    #[arg(long, env = "STEPSTREAM_MAX_SIDE", default_value_t = 2048)]
+    max_side: u32,
+    /// Largest width × height in pixels.
+    #[arg(long, env = "STEPSTREAM_MAX_PIXELS", default_value_t = 2048 * 2048)]
+    max_pixels: u64,
+    /// Most images per request.
+    #[arg(long, env = "STEPSTREAM_MAX_IMAGES", default_value_t = 16)]
+    max_images: u32,
+    /// Longest prompt (and negative prompt) in bytes.
+    #[arg(long, env = "STEPSTREAM_MAX_PROMPT_BYTES", default_value_t = 16 * 1024)]
+    max_prompt_bytes: usize,
+    /// Largest tensor a client may send (request latents/embeddings, reply tensors), in bytes.
+    #[arg(long, env = "STEPSTREAM_MAX_TENSOR_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_tensor_bytes: usize,
+    /// Largest gRPC message received or sent, in bytes (SDXL f32 embeddings at 16 images need ~16 MiB).
+    #[arg(long, env = "STEPSTREAM_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// HTTP/2 streams per connection.
+    #[arg(long, env = "STEPSTREAM_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval in seconds (0: off).
+    #[arg(long, env = "STEPSTREAM_HTTP2_KEEPALIVE_SECS", default_value_t = 30)]
+    http2_keepalive_secs: u64,
+    /// TCP keepalive in seconds (0: off).
+    #[arg(long, env = "STEPSTREAM_TCP_KEEPALIVE_SECS", default_value_t = 60)]
+    tcp_keepalive_secs: u64,
+    /// File of accepted bearer tokens, one per line; when set, every Diffusion RPC needs
+    /// `authorization: Bearer <token>` (health stays open).
+    #[arg(long, env = "STEPSTREAM_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Do not serve gRPC reflection.
+    #[arg(long, env = "STEPSTREAM_NO_REFLECTION")]
+    no_reflection: bool,
+    /// TLS certificate chain (PEM); with --tls-key, serve TLS.
+    #[arg(long, env = "STEPSTREAM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "STEPSTREAM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) whose client certificates are required (mutual TLS).
+    #[arg(long, env = "STEPSTREAM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Longest a TLS handshake may take, in milliseconds.
+    #[arg(
+        long,
+        env = "STEPSTREAM_TLS_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    tls_handshake_timeout_ms: u64,
+    /// On SIGINT/SIGTERM, how long in-flight generations may finish before they end with
+    /// UNAVAILABLE, in milliseconds.
+    #[arg(long, env = "STEPSTREAM_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    drain_timeout_ms: u64,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "STEPSTREAM_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log prompts at info level (off: prompts are never logged above debug).
+    #[arg(long, env = "STEPSTREAM_LOG_PROMPTS")]
+    log_prompts: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,8 +219,42 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?
     };
     let limits = Limits {
+        max_steps: args.max_steps,
+        max_side: args.max_side,
+        max_pixels: args.max_pixels,
+        max_images: args.max_images,
+        max_prompt_bytes: args.max_prompt_bytes,
+        max_tensor_bytes: args.max_tensor_bytes,
         default_reply_timeout: Duration::from_millis(args.reply_timeout_ms),
-        ..Limits::default()
+        max_reply_timeout: Duration::from_millis(args.max_reply_timeout_ms),
+    };
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::TlsFiles {
+            cert: read(cert)?,
+            key: read(key)?,
+            client_ca: args.tls_client_ca.as_ref().map(read).transpose()?,
+            handshake_timeout: Duration::from_millis(args.tls_handshake_timeout_ms),
+        }),
+        _ => None,
+    };
+    let tokens = args
+        .auth_token_file
+        .as_ref()
+        .map(|p| server::Tokens::from_file(p).map_err(anyhow::Error::msg))
+        .transpose()?;
+    let server_config = ServerConfig {
+        limits: limits.clone(),
+        max_message_bytes: args.max_message_bytes,
+        max_concurrent_streams: Some(args.max_concurrent_streams),
+        http2_keepalive: secs(args.http2_keepalive_secs),
+        tcp_keepalive: secs(args.tcp_keepalive_secs),
+        tokens,
+        tls,
+        reflection: !args.no_reflection,
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        log_prompts: args.log_prompts,
     };
     let engine = Engine::start(EngineConfig {
         device,
@@ -170,16 +274,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // One plain line on stdout so scripts (and tests) can find the port when --addr ends in :0.
     println!("stepstream listening on {local}");
     tracing::info!(addr = %local, models = ?engine.models().iter().map(|m| &m.id).collect::<Vec<_>>(), "serving");
-    server::serve(
-        engine,
-        ServerConfig {
-            limits,
-            ..ServerConfig::default()
-        },
-        listener,
-        shutdown_signal(),
-    )
-    .await?;
+    if let Some(addr) = args.metrics_addr {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(addr = %addr, "metrics at /metrics");
+        tokio::spawn(stepstream::metrics::serve(
+            engine.metrics().clone(),
+            metrics_listener,
+        ));
+    }
+    server::serve(engine, server_config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
     Ok(())
 }
 

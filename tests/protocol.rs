@@ -406,6 +406,11 @@ async fn a_full_queue_is_resource_exhausted_and_queued_clients_run_in_turn() {
         .expect("refused");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("queue is full"), "{}", err.message());
+    // B is told at once that one generation is ahead of it.
+    let Kind::Queued(q) = b.expect().await else {
+        panic!("expected Queued")
+    };
+    assert_eq!(q.position, 1);
     // A finishes, then B runs.
     for i in 0..3 {
         a.reply(ok_reply(i)).await;
@@ -414,7 +419,8 @@ async fn a_full_queue_is_resource_exhausted_and_queued_clients_run_in_turn() {
         }
     }
     assert!(matches!(a.expect().await, Kind::Completed(_)));
-    let (_, step) = first_step(&mut b).await;
+    let (acc, step) = first_step(&mut b).await;
+    assert_eq!(acc.queue_position, 1);
     assert_eq!(step.step_index, 0);
 }
 

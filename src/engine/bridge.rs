@@ -1,14 +1,18 @@
 //! The step loop's bridge to a session: sends `StepEnd`, then blocks (with a deadline) for the
 //! client's `StepReply`, checks it, answers bad ones with `ReplyRejected` and waits again.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{EngineError, EngineEvent, SessionLink};
+use super::{EngineError, EngineEvent, SessionLink, StopReason};
+use crate::metrics::Metrics;
 use crate::pipeline::{validate_control, CallbackError, StepCallback, StepControl, StepState};
 use crate::proto;
 use crate::proto::server_message::Kind;
+
+/// How often a blocked reply wait checks whether it should stop.
+const WAKE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What a session subscribed to (the validated `CallbackOptions`).
 #[derive(Clone, Debug)]
@@ -70,12 +74,55 @@ fn to_callback_error(e: EngineError) -> CallbackError {
     }
 }
 
-/// A callback for requests without a subscription: it only notices a departed client.
-pub(super) struct CancelOnly<'a>(pub &'a SessionLink);
+/// Why a job must stop now: its client left, the server is shutting down, or its whole-generation
+/// deadline passed.
+fn interruption(
+    link: &SessionLink,
+    deadline: Option<(Instant, Duration)>,
+) -> Option<CallbackError> {
+    match link.cancel.reason() {
+        Some(StopReason::Shutdown) => return Some(CallbackError::Shutdown),
+        Some(StopReason::ClientGone) => return Some(CallbackError::Cancelled),
+        None => {}
+    }
+    if link.events.is_closed() {
+        return Some(CallbackError::Cancelled);
+    }
+    match deadline {
+        Some((at, timeout)) if Instant::now() >= at => Some(CallbackError::Deadline {
+            timeout_ms: timeout.as_millis() as u64,
+        }),
+        _ => None,
+    }
+}
+
+/// A callback for requests without a subscription: it only notices when to stop.
+pub(super) struct CancelOnly<'a> {
+    link: &'a SessionLink,
+    deadline: Option<(Instant, Duration)>,
+    metrics: &'a Metrics,
+}
+
+impl<'a> CancelOnly<'a> {
+    pub(super) fn new(
+        link: &'a SessionLink,
+        deadline: Option<(Instant, Duration)>,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Self {
+            link,
+            deadline,
+            metrics,
+        }
+    }
+}
 
 impl StepCallback for CancelOnly<'_> {
-    fn cancelled(&self) -> bool {
-        self.0.cancel.is_cancelled() || self.0.events.is_closed()
+    fn interruption(&self) -> Option<CallbackError> {
+        interruption(self.link, self.deadline)
+    }
+    fn step_finished(&mut self, step_ms: f64) {
+        self.metrics.step_latency.observe_ms(step_ms);
     }
     fn wants(&self, _: usize) -> bool {
         false
@@ -91,6 +138,8 @@ pub(super) struct SessionCallback<'a> {
     sub: &'a Subscription,
     handle: &'a tokio::runtime::Handle,
     max_tensor_bytes: usize,
+    deadline: Option<(Instant, Duration)>,
+    metrics: &'a Metrics,
 }
 
 impl<'a> SessionCallback<'a> {
@@ -99,12 +148,16 @@ impl<'a> SessionCallback<'a> {
         sub: &'a Subscription,
         handle: &'a tokio::runtime::Handle,
         max_tensor_bytes: usize,
+        deadline: Option<(Instant, Duration)>,
+        metrics: &'a Metrics,
     ) -> Self {
         Self {
             link,
             sub,
             handle,
             max_tensor_bytes,
+            deadline,
+            metrics,
         }
     }
 
@@ -125,6 +178,9 @@ impl<'a> SessionCallback<'a> {
         reason: String,
     ) -> Result<(), CallbackError> {
         tracing::debug!(step_index, %field, %reason, "reply rejected");
+        self.metrics
+            .reply_rejections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send(Kind::ReplyRejected(proto::ReplyRejected {
             step_index: step_index as u32,
             field,
@@ -177,8 +233,12 @@ impl<'a> SessionCallback<'a> {
 }
 
 impl StepCallback for SessionCallback<'_> {
-    fn cancelled(&self) -> bool {
-        self.link.cancel.is_cancelled() || self.link.events.is_closed()
+    fn interruption(&self) -> Option<CallbackError> {
+        interruption(self.link, self.deadline)
+    }
+
+    fn step_finished(&mut self, step_ms: f64) {
+        self.metrics.step_latency.observe_ms(step_ms);
     }
 
     fn wants(&self, step_index: usize) -> bool {
@@ -207,14 +267,36 @@ impl StepCallback for SessionCallback<'_> {
         if self.sub.observe_only {
             return Ok(StepControl::default());
         }
-        let deadline = tokio::time::Instant::now() + self.sub.reply_timeout;
-        loop {
+        let wait_start = Instant::now();
+        let reply_deadline = wait_start + self.sub.reply_timeout;
+        // The whole-generation deadline cuts the wait short when it comes first.
+        let (wait_until, generation_bound) = match self.deadline {
+            Some((at, _)) if at < reply_deadline => (at, true),
+            _ => (reply_deadline, false),
+        };
+        let result = loop {
+            // Wake up now and then so a shutdown or a departed client ends the wait promptly.
+            let slice_end = wait_until.min(Instant::now() + WAKE_INTERVAL);
             let next = self.handle.block_on(async {
-                tokio::time::timeout_at(deadline, self.link.replies.recv()).await
+                tokio::time::timeout_at(slice_end.into(), self.link.replies.recv()).await
             });
+            if next.is_err() && Instant::now() < wait_until {
+                match interruption(self.link, None) {
+                    Some(stop) => break Err(stop),
+                    None => continue,
+                }
+            }
             match next {
+                Err(_elapsed) if generation_bound => {
+                    break Err(CallbackError::Deadline {
+                        timeout_ms: self
+                            .deadline
+                            .map(|(_, t)| t.as_millis() as u64)
+                            .unwrap_or(0),
+                    })
+                }
                 Err(_elapsed) => {
-                    return match self.sub.on_timeout {
+                    break match self.sub.on_timeout {
                         proto::TimeoutAction::Continue => {
                             tracing::info!(
                                 step_index = state.step_index,
@@ -228,12 +310,18 @@ impl StepCallback for SessionCallback<'_> {
                         }),
                     }
                 }
-                Ok(None) => return Err(CallbackError::Cancelled),
+                Ok(None) => {
+                    break Err(interruption(self.link, None).unwrap_or(CallbackError::Cancelled))
+                }
                 Ok(Some(reply)) => match self.check(state, reply) {
-                    Ok(control) => return Ok(control),
+                    Ok(control) => break Ok(control),
                     Err((field, reason)) => self.reject(state.step_index, field, reason)?,
                 },
             }
-        }
+        };
+        self.metrics
+            .callback_wait
+            .observe_ms(wait_start.elapsed().as_secs_f64() * 1e3);
+        result
     }
 }

@@ -3,13 +3,14 @@
 //! a `StepEnd` and (unless observe-only) blocks, with a deadline, for the session's reply.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::{Metrics, Outcome};
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::models::{ModelError, ModelSource};
 use crate::pipeline::sd::{self, GenerateParams};
@@ -18,8 +19,10 @@ use crate::proto;
 use crate::schedulers::config::PredictionType;
 
 mod bridge;
+mod slot;
 
 pub use bridge::Subscription;
+pub use slot::{CancelFlag, Slot, StopReason};
 
 /// Errors of a request's life in the engine (and of its validation); the server maps each to a
 /// gRPC status in one place.
@@ -67,6 +70,15 @@ pub enum EngineError {
         /// The deadline used.
         timeout_ms: u64,
     },
+    /// The whole generation ran past the client's `grpc-timeout`.
+    #[error("the generation ran past its deadline of {timeout_ms} ms")]
+    DeadlineExceeded {
+        /// The deadline, from the start of the request.
+        timeout_ms: u64,
+    },
+    /// The RPC carried no valid token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// The client went away.
     #[error("cancelled by the client")]
     Cancelled,
@@ -81,6 +93,26 @@ pub enum EngineError {
     Internal(String),
 }
 
+impl EngineError {
+    /// The metrics outcome this error counts as.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            EngineError::InvalidRequest { .. }
+            | EngineError::UnknownModel { .. }
+            | EngineError::Protocol(_)
+            | EngineError::Unauthenticated(_) => Outcome::Invalid,
+            EngineError::QueueFull { .. } => Outcome::QueueFull,
+            EngineError::ReplyTimeout { .. }
+            | EngineError::ClientStalled { .. }
+            | EngineError::StartTimeout { .. }
+            | EngineError::DeadlineExceeded { .. } => Outcome::Deadline,
+            EngineError::Cancelled => Outcome::Cancelled,
+            EngineError::Unavailable(_) => Outcome::Unavailable,
+            EngineError::Internal(_) => Outcome::Internal,
+        }
+    }
+}
+
 impl From<PipelineError> for EngineError {
     fn from(e: PipelineError) -> Self {
         match e {
@@ -89,6 +121,12 @@ impl From<PipelineError> for EngineError {
                 reason,
             },
             PipelineError::Callback(CallbackError::Cancelled) => EngineError::Cancelled,
+            PipelineError::Callback(CallbackError::Shutdown) => EngineError::Unavailable(
+                "the server is shutting down; the generation was stopped".into(),
+            ),
+            PipelineError::Callback(CallbackError::Deadline { timeout_ms }) => {
+                EngineError::DeadlineExceeded { timeout_ms }
+            }
             PipelineError::Callback(CallbackError::ReplyTimeout {
                 step_index,
                 timeout_ms,
@@ -122,21 +160,6 @@ pub struct EngineConfig {
     pub max_reply_timeout: Duration,
     /// The largest tensor a client may send, in bytes.
     pub max_tensor_bytes: usize,
-}
-
-/// A cancellation flag shared by a session and its job.
-#[derive(Clone, Debug, Default)]
-pub struct CancelFlag(Arc<AtomicBool>);
-
-impl CancelFlag {
-    /// Marks the job cancelled.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether it was cancelled.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 /// What the worker sends back to a session.
@@ -192,14 +215,18 @@ pub struct Job {
     pub params: GenerateParams,
     /// Its input tensors, decoded on the worker.
     pub tensors: RequestTensors,
+    /// Generations ahead of this one when it was admitted (reported in Accepted).
+    pub queue_position: u32,
     /// Callback subscription (`None`: no StepEnd at all).
     pub subscription: Option<Subscription>,
     /// Whether to send the final latents.
     pub return_latents: bool,
     /// The session's channels.
     pub link: SessionLink,
-    /// The admission permit; dropping it frees the slot.
-    pub permit: OwnedSemaphorePermit,
+    /// The admission slot, shared with the session (a client leaving the queue frees it at once).
+    pub slot: Arc<Slot>,
+    /// When the whole generation must be done (the client's `grpc-timeout`), and that timeout.
+    pub deadline: Option<(Instant, Duration)>,
     /// When the job was admitted.
     pub admitted: Instant,
     /// The request's tracing span.
@@ -210,8 +237,8 @@ pub struct Job {
 #[derive(Clone)]
 pub struct Engine {
     jobs: std::sync::mpsc::Sender<Job>,
-    slots: Arc<Semaphore>,
-    capacity: usize,
+    admission: Arc<slot::Admission>,
+    metrics: Arc<Metrics>,
     models: Arc<Vec<proto::ModelInfo>>,
     config: Arc<EngineConfig>,
 }
@@ -224,9 +251,11 @@ impl Engine {
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
         let handle = tokio::runtime::Handle::current();
         let worker_config = config.clone();
+        let metrics = Metrics::new();
+        let worker_metrics = metrics.clone();
         std::thread::Builder::new()
             .name(format!("stepstream-worker-{:?}", config.device.location()))
-            .spawn(move || worker(worker_config, handle, jobs_rx, ready_tx))
+            .spawn(move || worker(worker_config, handle, jobs_rx, ready_tx, worker_metrics))
             .map_err(|source| ModelError::Io {
                 path: "worker thread".into(),
                 source,
@@ -234,11 +263,10 @@ impl Engine {
         let models = ready_rx
             .await
             .map_err(|_| ModelError::Hub("the worker thread died while loading models".into()))??;
-        let capacity = 1 + config.max_queue;
         Ok(Engine {
             jobs: jobs_tx,
-            slots: Arc::new(Semaphore::new(capacity)),
-            capacity,
+            admission: slot::Admission::new(config.max_queue, metrics.clone()),
+            metrics,
             models: Arc::new(models),
             config: Arc::new(config),
         })
@@ -269,19 +297,35 @@ impl Engine {
             })
     }
 
-    /// Takes a running-or-waiting slot, or fails at once with `QueueFull`.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
-        self.slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::QueueFull {
-                capacity: self.capacity,
-            })
+    /// Takes a running-or-waiting slot, or fails at once (`QueueFull`, or `Unavailable` while
+    /// draining); returns it with the number of generations ahead of it.
+    pub fn admit(&self) -> Result<(Arc<Slot>, usize), EngineError> {
+        self.admission.admit()
     }
 
     /// Number of free slots (running + waiting) right now.
     pub fn free_slots(&self) -> usize {
-        self.slots.available_permits()
+        self.admission.free()
+    }
+
+    /// Generations running or waiting right now.
+    pub fn active(&self) -> usize {
+        self.admission.active()
+    }
+
+    /// Stops admitting: new requests get UNAVAILABLE; admitted ones go on.
+    pub fn begin_drain(&self) {
+        self.admission.begin_drain();
+    }
+
+    /// Stops every live generation (they end with UNAVAILABLE).
+    pub fn abort_all(&self) {
+        self.admission.abort_all();
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Hands a job to the worker.
@@ -330,6 +374,7 @@ fn worker(
     handle: tokio::runtime::Handle,
     jobs: std::sync::mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<Vec<proto::ModelInfo>, ModelError>>,
+    metrics: Arc<Metrics>,
 ) {
     let mut models = Vec::new();
     for (id, source) in &config.models {
@@ -361,14 +406,24 @@ fn worker(
     while let Ok(job) = jobs.recv() {
         let span = job.span.clone();
         let _enter = span.enter();
-        if job.link.cancel.is_cancelled() || job.link.events.is_closed() {
-            tracing::info!(request_id = %job.request_id, "client left while queued; dropped before running");
+        if job.link.events.is_closed() {
+            job.slot.leave();
+        }
+        if !job.slot.start() {
+            tracing::info!(request_id = %job.request_id, "left while queued; dropped before running");
+            metrics.request(Outcome::Cancelled);
             continue;
         }
         let events = job.link.events.clone();
+        let slot = job.slot.clone();
+        let busy_start = Instant::now();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_job(&models[job.model_index], &config, &handle, job)
+            run_job(&models[job.model_index], &config, &handle, job, &metrics)
         }));
+        slot.finish();
+        metrics
+            .busy_us
+            .fetch_add(busy_start.elapsed().as_micros() as u64, Ordering::Relaxed);
         let result = match outcome {
             Ok(r) => r,
             Err(panic) => {
@@ -381,6 +436,10 @@ fn worker(
                 Err(EngineError::Internal(format!("generation panicked: {msg}")))
             }
         };
+        metrics.request(match &result {
+            Ok(()) => Outcome::Completed,
+            Err(e) => e.outcome(),
+        });
         if let Err(e) = result {
             tracing::info!(error = %e, "generation ended with an error");
             let _ = handle.block_on(async {
@@ -418,6 +477,7 @@ fn run_job(
     config: &EngineConfig,
     handle: &tokio::runtime::Handle,
     job: Job,
+    metrics: &Arc<Metrics>,
 ) -> Result<(), EngineError> {
     let Job {
         request_id,
@@ -426,8 +486,10 @@ fn run_job(
         subscription,
         return_latents,
         mut link,
-        permit,
+        slot,
         admitted,
+        deadline,
+        queue_position,
         ..
     } = job;
     let queue_ms = admitted.elapsed().as_secs_f64() * 1e3;
@@ -486,6 +548,7 @@ fn run_job(
             guidance_scale: params.guidance_scale as f32,
             scheduler: prepared.scheduler_name().into(),
             tensor_specs,
+            queue_position,
         })),
     };
     let send_timeout = subscription
@@ -496,12 +559,18 @@ fn run_job(
 
     let output = match &subscription {
         Some(sub) => {
-            let mut cb =
-                bridge::SessionCallback::new(&mut link, sub, handle, config.max_tensor_bytes);
+            let mut cb = bridge::SessionCallback::new(
+                &mut link,
+                sub,
+                handle,
+                config.max_tensor_bytes,
+                deadline,
+                metrics,
+            );
             prepared.run(&mut cb)?
         }
         None => {
-            let mut cb = bridge::CancelOnly(&link);
+            let mut cb = bridge::CancelOnly::new(&link, deadline, metrics);
             prepared.run(&mut cb)?
         }
     };
@@ -537,7 +606,7 @@ fn run_job(
         }),
     };
     // Free the slot before the (possibly slow) final send: the GPU work is done.
-    drop(permit);
+    slot.finish();
     let msg = proto::ServerMessage {
         kind: Some(proto::server_message::Kind::Completed(completed)),
     };

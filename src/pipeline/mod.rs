@@ -45,6 +45,15 @@ pub enum CallbackError {
     /// The client went away (half-close, cancel, disconnect).
     #[error("the client ended the session")]
     Cancelled,
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    Shutdown,
+    /// The whole generation ran past its deadline (the client's `grpc-timeout`).
+    #[error("the generation ran past its deadline of {timeout_ms} ms")]
+    Deadline {
+        /// The deadline, from the start of the request.
+        timeout_ms: u64,
+    },
     /// No valid reply came before the deadline and the request said to abort.
     #[error("no valid reply for step {step_index} within {timeout_ms} ms")]
     ReplyTimeout {
@@ -120,10 +129,12 @@ impl Rejection {
 
 /// The per-step hook: the pipeline's side of diffusers' `callback_on_step_end`.
 pub trait StepCallback {
-    /// Whether the generation should stop now (checked at every step boundary).
-    fn cancelled(&self) -> bool {
-        false
+    /// Why the generation must stop now, if it must (checked at every step boundary).
+    fn interruption(&self) -> Option<CallbackError> {
+        None
     }
+    /// Called after every step (subscribed or not) with the step's time, for metrics.
+    fn step_finished(&mut self, _step_ms: f64) {}
     /// Whether step `step_index` is reported to the callback at all.
     fn wants(&self, step_index: usize) -> bool;
     /// Called after step `state.step_index`; what it returns is applied before the next step.

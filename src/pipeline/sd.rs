@@ -449,8 +449,8 @@ impl Prepared<'_> {
             if interrupted {
                 continue;
             }
-            if callback.cancelled() {
-                return Err(super::CallbackError::Cancelled.into());
+            if let Some(stop) = callback.interruption() {
+                return Err(stop.into());
             }
             let step_start = Instant::now();
             let cfg = self.guidance_scale > 1.0 && model.unet_config.time_cond_proj_dim.is_none();
@@ -480,6 +480,7 @@ impl Prepared<'_> {
             self.latents = self
                 .scheduler
                 .step(&eps, i, &self.latents, self.noise.as_mut())?;
+            callback.step_finished(step_start.elapsed().as_secs_f64() * 1e3);
             if callback.wants(i) {
                 let tensors = self.callback_tensors();
                 let state = StepState {

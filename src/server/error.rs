@@ -13,6 +13,8 @@ impl From<EngineError> for Status {
             EngineError::ReplyTimeout { .. } => Code::DeadlineExceeded,
             EngineError::ClientStalled { .. } => Code::DeadlineExceeded,
             EngineError::StartTimeout { .. } => Code::DeadlineExceeded,
+            EngineError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            EngineError::Unauthenticated(_) => Code::Unauthenticated,
             EngineError::Cancelled => Code::Cancelled,
             EngineError::Protocol(_) => Code::InvalidArgument,
             EngineError::Unavailable(_) => Code::Unavailable,
@@ -61,6 +63,14 @@ mod tests {
             (
                 EngineError::StartTimeout { timeout_ms: 5 },
                 Code::DeadlineExceeded,
+            ),
+            (
+                EngineError::DeadlineExceeded { timeout_ms: 5 },
+                Code::DeadlineExceeded,
+            ),
+            (
+                EngineError::Unauthenticated("x".into()),
+                Code::Unauthenticated,
             ),
             (EngineError::Cancelled, Code::Cancelled),
             (EngineError::Protocol("p".into()), Code::InvalidArgument),

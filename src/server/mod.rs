@@ -1,22 +1,50 @@
-//! The gRPC front: the Diffusion service, request validation, health, reflection, and the
-//! single mapping from errors to `Status`.
+//! The gRPC front: the Diffusion service, request validation, auth, TLS, health, reflection,
+//! graceful shutdown, and the single mapping from errors to `Status`.
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
 
 use crate::engine::Engine;
 use crate::proto;
 use crate::proto::diffusion_server::DiffusionServer;
 
+pub mod auth;
 mod error;
 pub mod service;
 pub mod validation;
 
+pub use auth::Tokens;
 pub use service::DiffusionService;
 pub use validation::Limits;
+
+/// PEM material for TLS.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// Server private key (PEM).
+    pub key: Vec<u8>,
+    /// CA whose client certificates are required (mTLS), when set.
+    pub client_ca: Option<Vec<u8>>,
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("key", &"<redacted>")
+            .field("mtls", &self.client_ca.is_some())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
 
 /// Server-level settings.
 #[derive(Clone, Debug)]
@@ -25,6 +53,22 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// HTTP/2 streams per connection (`None`: unlimited).
+    pub max_concurrent_streams: Option<u32>,
+    /// HTTP/2 keepalive ping interval (`None`: off); pings unanswered for 20 s close the connection.
+    pub http2_keepalive: Option<Duration>,
+    /// TCP keepalive on accepted connections (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
+    /// Bearer tokens required on Diffusion RPCs (`None`: no auth). Health stays open.
+    pub tokens: Option<Tokens>,
+    /// TLS (and mTLS) material (`None`: plaintext).
+    pub tls: Option<TlsFiles>,
+    /// Serve gRPC reflection.
+    pub reflection: bool,
+    /// On shutdown, how long in-flight generations may run before they end with UNAVAILABLE.
+    pub drain_timeout: Duration,
+    /// Log prompts at info level.
+    pub log_prompts: bool,
 }
 
 impl Default for ServerConfig {
@@ -32,55 +76,142 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             max_message_bytes: 256 * 1024 * 1024,
+            max_concurrent_streams: Some(256),
+            http2_keepalive: Some(Duration::from_secs(30)),
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            tokens: None,
+            tls: None,
+            reflection: true,
+            drain_timeout: Duration::from_secs(30),
+            log_prompts: false,
         }
     }
 }
 
-/// Serves the Diffusion service, health (`grpc.health.v1`) and reflection (v1 and v1alpha) on
-/// `listener` until `shutdown` resolves. Health reports SERVING: the engine's models are loaded.
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed (bind, TLS setup, ...).
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection descriptors could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Serves the Diffusion service, health (`grpc.health.v1`) and, unless turned off, reflection
+/// (v1 and v1alpha) on `listener` until `shutdown` resolves. Health reports SERVING: the
+/// engine's models are loaded. On shutdown: health goes NOT_SERVING, new generations are refused
+/// with UNAVAILABLE, in-flight ones may finish within `drain_timeout`, then the rest end with
+/// UNAVAILABLE and the function returns.
 pub async fn serve(
     engine: Engine,
     config: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<DiffusionServer<DiffusionService>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the embedded descriptor sets are valid");
-    let service = DiffusionServer::new(DiffusionService::new(engine, config.limits.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        (Some(v1), Some(v1alpha))
+    } else {
+        (None, None)
+    };
+    let diffusion = DiffusionServer::new(DiffusionService::new(
+        engine.clone(),
+        config.limits.clone(),
+        config.log_prompts,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    let tokens = config.tokens.clone();
+    let diffusion = InterceptedService::new(diffusion, move |req: Request<()>| {
+        match &tokens {
+            Some(t) => t.check(req.metadata()).map_err(Status::from)?,
+            None => {}
+        }
+        Ok(req)
+    });
+
+    // Shutdown: stop admitting, let in-flight work drain, then stop it; the transport then
+    // closes its connections. A hard bound keeps a stuck connection from holding the process.
+    let (hard_stop_tx, hard_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health_reporter.clone();
-    let shutdown = async move {
+    let drain_engine = engine.clone();
+    let drain_timeout = config.drain_timeout;
+    let graceful = async move {
         shutdown.await;
         reporter
             .set_not_serving::<DiffusionServer<DiffusionService>>()
             .await;
-        tracing::info!("shutting down");
+        drain_engine.begin_drain();
+        let active = drain_engine.active();
+        tracing::info!(
+            active,
+            drain_ms = drain_timeout.as_millis() as u64,
+            "shutting down: draining"
+        );
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while drain_engine.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if drain_engine.active() > 0 {
+            tracing::warn!(
+                active = drain_engine.active(),
+                "drain timeout: stopping in-flight generations"
+            );
+            drain_engine.abort_all();
+        }
+        let _ = hard_stop_tx.send(());
     };
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(config.http2_keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = &config.tls {
+        let mut tls_config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert, &tls.key))
+            .timeout(tls.handshake_timeout);
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_config)?;
+    }
+    let router = builder
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            shutdown,
-        )
-        .await
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
+        .add_service(diffusion);
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(config.tcp_keepalive);
+    let serving = router.serve_with_incoming_shutdown(incoming, graceful);
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => r?,
+        _ = async {
+            // After the drain, give streams a moment to deliver their final status.
+            if hard_stop_rx.await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!("connections still open after the drain; exiting anyway");
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! The `stepstream.v1.Diffusion` service: stream sessions bridged to the engine.
 
 use std::pin::Pin;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
@@ -9,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::validation::{self, Limits};
-use crate::engine::{CancelFlag, Engine, EngineError, EngineEvent, Job, SessionLink};
+use crate::engine::{Engine, EngineError, EngineEvent, Job, SessionLink, Slot};
 use crate::proto;
 use crate::proto::diffusion_server::Diffusion;
 use crate::proto::{client_message, server_message};
@@ -24,31 +25,67 @@ const REPLY_BUFFER: usize = 8;
 pub struct DiffusionService {
     engine: Engine,
     limits: Limits,
+    log_prompts: bool,
+}
+
+/// What a started generation hands its session.
+struct Started {
+    events: mpsc::Receiver<EngineEvent>,
+    replies: mpsc::Sender<proto::StepReply>,
+    slot: Arc<Slot>,
+    observe_only: bool,
+}
+
+/// Parses gRPC's `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl DiffusionService {
     /// A service over a started engine.
-    pub fn new(engine: Engine, limits: Limits) -> Self {
-        Self { engine, limits }
+    pub fn new(engine: Engine, limits: Limits, log_prompts: bool) -> Self {
+        Self {
+            engine,
+            limits,
+            log_prompts,
+        }
     }
 
-    /// Validates, admits and submits one generation; returns the stream of its events and the
-    /// handles the session needs to feed replies and cancel.
+    /// Validates, admits and submits one generation.
     fn start(
         &self,
         req: proto::GenerateRequest,
-    ) -> Result<
-        (
-            mpsc::Receiver<EngineEvent>,
-            mpsc::Sender<proto::StepReply>,
-            CancelFlag,
-            bool,
-        ),
-        EngineError,
-    > {
+        timeout: Option<Duration>,
+    ) -> Result<Started, EngineError> {
+        let result = self.try_start(req, timeout);
+        if let Err(e) = &result {
+            self.engine.metrics().request(e.outcome());
+        }
+        result
+    }
+
+    fn try_start(
+        &self,
+        req: proto::GenerateRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Started, EngineError> {
+        let started_at = Instant::now();
         let (index, card) = self.engine.find_model(&req.model)?;
         let valid = validation::validate(&req, card, &self.limits)?;
-        let permit = self.engine.admit()?;
+        let (slot, ahead) = self.engine.admit()?;
         let request_id = format!("{:016x}", validation::random_u64());
         let observe_only = valid
             .subscription
@@ -62,39 +99,67 @@ impl DiffusionService {
                 width = valid.params.width,
                 height = valid.params.height,
                 subscribed = valid.subscription.is_some(),
+                queue_position = ahead,
                 "admitted"
-            )
+            );
+            if self.log_prompts {
+                tracing::info!(prompt = %req.prompt, negative_prompt = ?req.negative_prompt, "prompt");
+            } else {
+                tracing::debug!(prompt_bytes = req.prompt.len(), "prompt not logged (--log-prompts)");
+            }
         });
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let (replies_tx, replies_rx) = mpsc::channel(REPLY_BUFFER);
-        let cancel = CancelFlag::default();
+        if ahead > 0 {
+            // Capacity is fresh: this cannot fail or block.
+            let _ = events_tx.try_send(Ok(proto::ServerMessage {
+                kind: Some(server_message::Kind::Queued(proto::Queued {
+                    position: ahead as u32,
+                })),
+            }));
+        }
         self.engine.submit(Job {
             request_id,
             model_index: index,
             params: valid.params,
             tensors: valid.tensors,
+            queue_position: ahead as u32,
             subscription: valid.subscription,
             return_latents: valid.return_latents,
             link: SessionLink {
                 events: events_tx,
                 replies: replies_rx,
-                cancel: cancel.clone(),
+                cancel: slot.cancel_flag().clone(),
             },
-            permit,
-            admitted: Instant::now(),
+            slot: slot.clone(),
+            admitted: started_at,
+            deadline: timeout.map(|t| (started_at + t, t)),
             span,
         })?;
-        Ok((events_rx, replies_tx, cancel, observe_only))
+        Ok(Started {
+            events: events_rx,
+            replies: replies_tx,
+            slot,
+            observe_only,
+        })
     }
 }
 
-/// Cancels its job when dropped (the response stream went away).
-struct CancelOnDrop(CancelFlag);
+/// Tells the engine the client left when dropped (the response stream or call went away).
+struct LeaveOnDrop(Arc<Slot>);
 
-impl Drop for CancelOnDrop {
+impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
-        self.0.cancel();
+        self.0.leave();
     }
+}
+
+fn request_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
@@ -107,6 +172,7 @@ impl Diffusion for DiffusionService {
         &self,
         request: Request<Streaming<proto::ClientMessage>>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let timeout = request_timeout(&request);
         let mut inbound = request.into_inner();
         let wait = self.limits.default_reply_timeout;
         let first = match tokio::time::timeout(wait, inbound.message()).await {
@@ -135,12 +201,17 @@ impl Diffusion for DiffusionService {
                 )
             }
         };
-        let (events, replies, cancel, observe_only) = self.start(start)?;
+        let Started {
+            events,
+            replies,
+            slot,
+            observe_only,
+        } = self.start(start, timeout)?;
 
         // Inbound side: forward replies to the worker; the client ending or breaking the stream
         // cancels the job. Runs until the client is done or the job is.
         let (notice_tx, mut notice_rx) = mpsc::channel::<EngineEvent>(1);
-        let inbound_cancel = cancel.clone();
+        let inbound_slot = slot.clone();
         tokio::spawn(
             async move {
                 loop {
@@ -169,7 +240,7 @@ impl Diffusion for DiffusionService {
                         }
                     }
                 }
-                inbound_cancel.cancel();
+                inbound_slot.leave();
                 tracing::debug!("client side of the stream ended");
             }
             .in_current_span(),
@@ -182,7 +253,7 @@ impl Diffusion for DiffusionService {
         let mut events = events;
         tokio::spawn(
             async move {
-                let _guard = CancelOnDrop(cancel);
+                let _guard = LeaveOnDrop(slot);
                 loop {
                     let ev = tokio::select! {
                         biased;
@@ -214,10 +285,13 @@ impl Diffusion for DiffusionService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::Completed>, Status> {
+        let timeout = request_timeout(&request);
         let mut req = request.into_inner();
         req.callback = None;
-        let (mut events, _replies, cancel, _) = self.start(req)?;
-        let _guard = CancelOnDrop(cancel);
+        let Started {
+            mut events, slot, ..
+        } = self.start(req, timeout)?;
+        let _guard = LeaveOnDrop(slot);
         while let Some(ev) = events.recv().await {
             match ev? {
                 proto::ServerMessage {
@@ -248,5 +322,23 @@ fn rejected(step_index: u32, field: &str, reason: &str) -> proto::ServerMessage 
             field: field.into(),
             reason: reason.into(),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "5", "5x", "-5S", "1234567890S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

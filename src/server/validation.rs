@@ -14,6 +14,8 @@ pub struct Limits {
     pub max_steps: u32,
     /// Largest width or height in pixels.
     pub max_side: u32,
+    /// Largest width × height in pixels.
+    pub max_pixels: u64,
     /// Most images per request.
     pub max_images: u32,
     /// Longest prompt in bytes.
@@ -31,6 +33,7 @@ impl Default for Limits {
         Self {
             max_steps: 1000,
             max_side: 2048,
+            max_pixels: 2048 * 2048,
             max_images: 16,
             max_prompt_bytes: 16 * 1024,
             max_tensor_bytes: 64 * 1024 * 1024,
@@ -168,6 +171,16 @@ pub fn validate(
                 format!("{v} exceeds the limit of {}", limits.max_side),
             ));
         }
+    }
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(invalid(
+            "width",
+            format!(
+                "{width}x{height} = {} pixels exceeds the limit of {}",
+                width as u64 * height as u64,
+                limits.max_pixels
+            ),
+        ));
     }
     let images = req.num_images_per_prompt.max(1);
     if images > limits.max_images {

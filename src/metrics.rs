@@ -1,0 +1,226 @@
+//! Prometheus metrics: counters, gauges and histograms kept in atomics, rendered in the text
+//! exposition format, and served over plain HTTP on `--metrics-addr`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How a request ended, for `stepstream_requests_total{outcome=...}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Completed (interrupted runs included).
+    Completed,
+    /// Refused or ended as an invalid request (INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED).
+    Invalid,
+    /// Refused because the queue was full.
+    QueueFull,
+    /// Ended by a deadline (reply deadline with ABORT, `grpc-timeout`, stalled client).
+    Deadline,
+    /// Ended because the client left.
+    Cancelled,
+    /// Ended by the server shutting down.
+    Unavailable,
+    /// Ended by an internal error.
+    Internal,
+}
+
+const OUTCOMES: [(Outcome, &str); 7] = [
+    (Outcome::Completed, "completed"),
+    (Outcome::Invalid, "invalid"),
+    (Outcome::QueueFull, "queue_full"),
+    (Outcome::Deadline, "deadline"),
+    (Outcome::Cancelled, "cancelled"),
+    (Outcome::Unavailable, "unavailable"),
+    (Outcome::Internal, "internal"),
+];
+
+/// Histogram bucket bounds in milliseconds.
+const BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0, 60000.0,
+];
+
+/// A fixed-bucket histogram of millisecond values.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds (integer, so it can be atomic).
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe_ms(&self, ms: f64) {
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add((ms.max(0.0) * 1e3) as u64, Ordering::Relaxed);
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            let v = self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {v}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e3;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    requests: [AtomicU64; OUTCOMES.len()],
+    /// Generations admitted and waiting for the worker.
+    pub queue_depth: AtomicU64,
+    /// Time per denoising step (UNet + guidance + scheduler), ms.
+    pub step_latency: Histogram,
+    /// Time spent waiting for one reply, ms.
+    pub callback_wait: Histogram,
+    /// Replies answered with ReplyRejected.
+    pub reply_rejections: AtomicU64,
+    /// Microseconds the worker spent running generations.
+    pub busy_us: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            requests: Default::default(),
+            queue_depth: AtomicU64::new(0),
+            step_latency: Histogram::default(),
+            callback_wait: Histogram::default(),
+            reply_rejections: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// A fresh, shareable set of metrics.
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// Counts one finished or refused request.
+    pub fn request(&self, outcome: Outcome) {
+        if let Some(i) = OUTCOMES.iter().position(|(o, _)| *o == outcome) {
+            self.requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests counted with `outcome` so far.
+    pub fn requests(&self, outcome: Outcome) -> u64 {
+        OUTCOMES
+            .iter()
+            .position(|(o, _)| *o == outcome)
+            .map(|i| self.requests[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP stepstream_requests_total Generation requests by outcome.\n# TYPE stepstream_requests_total counter\n");
+        for (i, (_, name)) in OUTCOMES.iter().enumerate() {
+            let v = self.requests[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "stepstream_requests_total{{outcome=\"{name}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP stepstream_queue_depth Generations waiting for the worker.\n# TYPE stepstream_queue_depth gauge\nstepstream_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        self.step_latency.render(
+            &mut out,
+            "stepstream_step_latency_ms",
+            "Time per denoising step in milliseconds.",
+        );
+        self.callback_wait.render(
+            &mut out,
+            "stepstream_callback_wait_ms",
+            "Time waiting for one client reply in milliseconds.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP stepstream_reply_rejections_total Replies answered with ReplyRejected.\n# TYPE stepstream_reply_rejections_total counter\nstepstream_reply_rejections_total {}",
+            self.reply_rejections.load(Ordering::Relaxed)
+        );
+        let uptime = self.started.elapsed().as_secs_f64().max(1e-9);
+        let busy = self.busy_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "# HELP stepstream_worker_busy_seconds_total Time the device worker spent running generations.\n# TYPE stepstream_worker_busy_seconds_total counter\nstepstream_worker_busy_seconds_total {busy}\n# HELP stepstream_worker_busy_ratio Busy time over uptime of the device worker.\n# TYPE stepstream_worker_busy_ratio gauge\nstepstream_worker_busy_ratio {}",
+            (busy / uptime).min(1.0)
+        );
+        out
+    }
+}
+
+/// Serves `GET /metrics` (any path) over HTTP/1.1 on `listener` until the process ends.
+pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            // Read the request head (bounded); the body of a GET is empty.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
+            let body = metrics.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family() {
+        let m = Metrics::default();
+        m.request(Outcome::Completed);
+        m.request(Outcome::QueueFull);
+        m.step_latency.observe_ms(3.0);
+        m.callback_wait.observe_ms(0.4);
+        let text = m.render();
+        for needle in [
+            "stepstream_requests_total{outcome=\"completed\"} 1",
+            "stepstream_requests_total{outcome=\"queue_full\"} 1",
+            "stepstream_queue_depth 0",
+            "stepstream_step_latency_ms_bucket{le=\"5\"} 1",
+            "stepstream_step_latency_ms_count 1",
+            "stepstream_callback_wait_ms_bucket{le=\"0.5\"} 1",
+            "stepstream_reply_rejections_total 0",
+            "stepstream_worker_busy_ratio",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}
