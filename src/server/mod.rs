@@ -138,9 +138,8 @@ pub async fn serve(
     .max_encoding_message_size(config.max_message_bytes);
     let tokens = config.tokens.clone();
     let diffusion = InterceptedService::new(diffusion, move |req: Request<()>| {
-        match &tokens {
-            Some(t) => t.check(req.metadata()).map_err(Status::from)?,
-            None => {}
+        if let Some(t) = &tokens {
+            t.check(req.metadata()).map_err(Status::from)?;
         }
         Ok(req)
     });
