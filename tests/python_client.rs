@@ -115,14 +115,11 @@ fn venv_python() -> PathBuf {
                 what,
             )
         };
+        // pip always rebuilds a local directory, so this also refreshes the package (stubs
+        // included) when its sources changed under the same version number.
         pip(
             &["./clients/python", "pytest"],
             "pip install ./clients/python pytest",
-        );
-        // Same version number, new sources: rebuild the package itself (stubs included).
-        pip(
-            &["--force-reinstall", "--no-deps", "./clients/python"],
-            "pip install --force-reinstall ./clients/python",
         );
         std::fs::write(&marker, &want).unwrap();
     }

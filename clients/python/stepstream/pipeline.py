@@ -573,6 +573,8 @@ class _Run:
                 elif kind == "completed":
                     completed = msg.completed
                     outbox.put(None)  # half-close; the server then ends the stream with OK
+                    if bar is not None and not completed.interrupted:
+                        bar.update(bar.total - bar.n)  # steps that sent no event ran too
             if completed is None:
                 raise errors.ProtocolError("the stream ended without Completed")
             return completed

@@ -322,3 +322,18 @@ def test_the_example_script_writes_an_image(target, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (64, 64)
+
+
+def test_an_exception_in_the_callback_propagates_and_cancels(pipe, case):
+    c = case("ddim-10")
+
+    def boom(p, i, t, kw):
+        if i == 2:
+            raise RuntimeError("my callback gave up")
+        return kw
+
+    with pytest.raises(RuntimeError, match="gave up"):
+        pipe(**c.call_args(), callback_on_step_end=boom)
+    # The abandoned generation freed the server: the next call runs.
+    out = pipe(**c.call_args())
+    assert png_diff(out.images[0], c) <= 1
