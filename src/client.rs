@@ -1,41 +1,108 @@
-//! A small client for the Diffusion service: the `generate` subcommand's session, with an
-//! optional CFG cutoff applied remotely (diffusers' `SDCFGCutoffCallback`, batch-correct).
+//! The Rust client of the Diffusion service.
+//!
+//! - [`Client::generate`] runs one generation over the `Generate` stream and calls a closure at
+//!   each subscribed step with a [`StepState`] (tensors as candle tensors); what the closure
+//!   returns ([`StepChanges`]) becomes the `StepReply`. This is diffusers'
+//!   `callback_on_step_end`, remotely.
+//! - [`Client::observe`] runs an observe-only generation as a [`Stream`] of [`Event`]s: the
+//!   server never waits for this client.
+//! - [`Client::generate_once`] runs a generation without callbacks; [`Client::list_models`]
+//!   describes the served models.
+//!
+//! [`CfgCutoff`] is diffusers' `SDCFGCutoffCallback`, correct at any batch size.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), stepstream::client::ClientError> {
+//! use stepstream::client::{CfgCutoff, Client};
+//! use stepstream::proto;
+//!
+//! let mut client = Client::connect("127.0.0.1:50051").await?;
+//! let cutoff = CfgCutoff::ratio(0.4);
+//! let request = proto::GenerateRequest {
+//!     prompt: "a photo of an astronaut riding a horse on mars".into(),
+//!     callback: Some(cutoff.subscription()),
+//!     ..Default::default()
+//! };
+//! let done = client.generate(request, |step| cutoff.apply(step)).await?;
+//! std::fs::write("out.png", &done.images[0].data).unwrap();
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use candle_core::{Device, Tensor};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+pub use tokio_stream::Stream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
 
-use crate::proto::{self, client_message, server_message};
+use crate::proto::{self, client_message, diffusion_client::DiffusionClient, server_message};
 
-/// What to generate and how to steer it.
-#[derive(Clone, Debug, Default)]
-pub struct GenerateOptions {
-    /// The request sent as `start` (its `callback` is filled in here).
-    pub request: proto::GenerateRequest,
-    /// Turn CFG off after this fraction of the steps (at step `int(num_timesteps * ratio)`).
-    pub cfg_cutoff: Option<f64>,
-}
+/// Largest message either side may send (images and tensors of big models exceed 4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Progress reported while a generation runs.
-pub trait Progress {
-    /// The server accepted the request.
-    fn accepted(&mut self, accepted: &proto::Accepted);
-    /// A step finished.
-    fn step(&mut self, step: &proto::StepEnd);
-    /// A reply was rejected (a client bug; reported, then the session ends).
-    fn rejected(&mut self, rejected: &proto::ReplyRejected);
-}
+/// An error a callback may return; it ends the generation.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Errors of a client session.
+/// Errors of a client call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server answered with a status.
+    /// The address could not be parsed or connected to.
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        /// The address as given.
+        url: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server ended the call with a status (`code()` and `message()` say which and why).
     #[error("server: {0}")]
     Status(#[from] tonic::Status),
-    /// The server broke the protocol or rejected our reply.
+    /// The server refused a reply (and no retry was left).
+    #[error("reply to step {step_index} rejected: {field}: {reason}")]
+    ReplyRejected {
+        /// The step.
+        step_index: u32,
+        /// What was wrong, e.g. `tensors[prompt_embeds]`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The callback failed; the generation was cancelled.
+    #[error("callback failed at step {step_index}: {source}")]
+    Callback {
+        /// The step.
+        step_index: u32,
+        /// The callback's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A tensor could not be encoded or decoded.
+    #[error("tensor `{name}`: {reason}")]
+    Tensor {
+        /// The tensor's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server broke the protocol, or a value could not be used.
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+impl ClientError {
+    /// The gRPC status code, when the server ended the call with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
 }
 
 /// The step at which a cutoff `ratio` applies: Python's `int(num_timesteps * ratio)`.
@@ -43,7 +110,7 @@ pub fn cutoff_step(num_timesteps: usize, ratio: f64) -> usize {
     (num_timesteps as f64 * ratio).floor() as usize
 }
 
-/// The conditional half of a `[negative; positive]` prompt_embeds tensor (any batch).
+/// The conditional half of a `[negative; positive]` prompt_embeds wire tensor (any batch).
 pub fn conditional_half(t: &proto::Tensor) -> Result<proto::Tensor, ClientError> {
     let b = *t
         .shape
@@ -64,75 +131,511 @@ pub fn conditional_half(t: &proto::Tensor) -> Result<proto::Tensor, ClientError>
     })
 }
 
-/// Runs one generation over `Generate`, steering it as `opts` says, and returns `Completed`.
-pub async fn generate(
-    client: &mut proto::diffusion_client::DiffusionClient<tonic::transport::Channel>,
-    opts: GenerateOptions,
-    progress: &mut dyn Progress,
-) -> Result<proto::Completed, ClientError> {
-    let mut request = opts.request.clone();
-    request.callback = Some(match opts.cfg_cutoff {
-        // Block at every step (so progress is exact) but only send tensors when needed.
-        Some(_) => proto::CallbackOptions {
-            tensor_inputs: vec!["prompt_embeds".into()],
-            ..Default::default()
-        },
-        None => proto::CallbackOptions {
-            observe_only: true,
-            ..Default::default()
-        },
-    });
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(proto::ClientMessage {
-        kind: Some(client_message::Kind::Start(request)),
-    })
-    .await
-    .map_err(|_| ClientError::Protocol("request stream closed".into()))?;
-    let mut inbound = client.generate(ReceiverStream::new(rx)).await?.into_inner();
-    let mut cutoff = None;
-    while let Some(msg) = inbound.message().await? {
-        match msg.kind {
-            Some(server_message::Kind::Accepted(a)) => {
-                cutoff = opts.cfg_cutoff.map(|r| cutoff_step(a.timesteps.len(), r));
-                progress.accepted(&a);
-            }
-            Some(server_message::Kind::StepEnd(s)) => {
-                progress.step(&s);
-                if !s.reply_required {
-                    continue;
-                }
-                let mut reply = proto::StepReply {
-                    step_index: s.step_index,
-                    ..Default::default()
-                };
-                if Some(s.step_index as usize) == cutoff && s.do_classifier_free_guidance {
-                    let pe = s.tensors.get("prompt_embeds").ok_or_else(|| {
-                        ClientError::Protocol("StepEnd lacks prompt_embeds".into())
-                    })?;
-                    reply.guidance_scale = Some(0.0);
-                    reply.tensors =
-                        HashMap::from([("prompt_embeds".to_string(), conditional_half(pe)?)]);
-                }
-                tx.send(proto::ClientMessage {
-                    kind: Some(client_message::Kind::Reply(reply)),
-                })
-                .await
-                .map_err(|_| ClientError::Protocol("request stream closed".into()))?;
-            }
-            Some(server_message::Kind::ReplyRejected(r)) => {
-                progress.rejected(&r);
-                return Err(ClientError::Protocol(format!(
-                    "reply to step {} rejected: {}: {}",
-                    r.step_index, r.field, r.reason
-                )));
-            }
-            Some(server_message::Kind::Completed(c)) => return Ok(c),
-            Some(server_message::Kind::Queued(_)) | None => {}
+/// The conditional half of a `[negative×N; positive×N]` CFG batch, as a candle tensor.
+pub fn conditional_half_tensor(t: &Tensor) -> Result<Tensor, ClientError> {
+    let b = t.dims().first().copied().unwrap_or(0);
+    if b % 2 != 0 || b == 0 {
+        return Err(ClientError::Protocol(format!(
+            "batch {b} is not [negative; positive]"
+        )));
+    }
+    t.narrow(0, b / 2, b / 2)
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// What a callback sees at the end of a step (diffusers' `pipe` attributes and `callback_kwargs`).
+#[derive(Clone, Debug)]
+pub struct StepState {
+    /// diffusers' `step_index`.
+    pub step_index: usize,
+    /// The step's timestep.
+    pub timestep: f64,
+    /// `pipe.num_timesteps`: the number of timesteps of this run.
+    pub num_timesteps: usize,
+    /// `pipe.guidance_scale` in force for this step.
+    pub guidance_scale: f32,
+    /// Whether this step ran classifier-free guidance.
+    pub do_classifier_free_guidance: bool,
+    /// The subscribed tensors after this step (f32, CPU), by name.
+    pub tensors: HashMap<String, Tensor>,
+    /// Server time spent on this step, in ms.
+    pub step_ms: f64,
+    /// Whether the server waits for a reply (false in observe-only runs).
+    pub reply_required: bool,
+    /// The server's refusal of this closure's previous answer to this same step, when
+    /// [`Client::reply_retries`] let it try again.
+    pub rejected: Option<proto::ReplyRejected>,
+    /// The server's `Accepted` (seed, timesteps, size, scheduler, ...).
+    pub accepted: Arc<proto::Accepted>,
+}
+
+impl StepState {
+    /// A subscribed tensor, or an error naming it.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor, ClientError> {
+        self.tensors.get(name).ok_or_else(|| ClientError::Tensor {
+            name: name.into(),
+            reason: "not in this step's tensors (subscribe to it in callback.tensor_inputs)".into(),
+        })
+    }
+}
+
+/// What a callback changes; the default changes nothing.
+#[derive(Clone, Debug, Default)]
+pub struct StepChanges {
+    /// diffusers' `pipe._guidance_scale = x`.
+    pub guidance_scale: Option<f32>,
+    /// Replacement tensors (only names in `tensor_inputs`).
+    pub tensors: HashMap<String, Tensor>,
+    /// diffusers' `pipe._interrupt = True`: skip the remaining steps, still decode.
+    pub interrupt: bool,
+}
+
+impl StepChanges {
+    /// No change.
+    pub fn none() -> Self {
+        Self::default()
+    }
+    /// Sets the guidance scale.
+    pub fn guidance(mut self, g: f32) -> Self {
+        self.guidance_scale = Some(g);
+        self
+    }
+    /// Replaces a tensor.
+    pub fn tensor(mut self, name: impl Into<String>, t: Tensor) -> Self {
+        self.tensors.insert(name.into(), t);
+        self
+    }
+    /// Interrupts the run after this step.
+    pub fn interrupt(mut self) -> Self {
+        self.interrupt = true;
+        self
+    }
+}
+
+/// diffusers' `SDCFGCutoffCallback`: at step `int(num_timesteps * ratio)` (or a fixed index) set
+/// guidance to 0 and keep the conditional half of `prompt_embeds` (right at any batch size;
+/// nothing happens when CFG is already off).
+#[derive(Clone, Copy, Debug)]
+pub enum CfgCutoff {
+    /// `cutoff_step_ratio`.
+    Ratio(f64),
+    /// `cutoff_step_index`.
+    Index(usize),
+}
+
+impl CfgCutoff {
+    /// A cutoff at `int(num_timesteps * ratio)`.
+    pub fn ratio(r: f64) -> Self {
+        CfgCutoff::Ratio(r)
+    }
+    /// The step it acts on.
+    pub fn step(&self, num_timesteps: usize) -> usize {
+        match *self {
+            CfgCutoff::Ratio(r) => cutoff_step(num_timesteps, r),
+            CfgCutoff::Index(i) => i,
         }
     }
-    Err(ClientError::Protocol(
-        "the stream ended without Completed".into(),
-    ))
+    /// A blocking subscription to every step with `prompt_embeds` (what [`CfgCutoff::apply`]
+    /// needs when the number of timesteps is not known in advance).
+    pub fn subscription(&self) -> proto::CallbackOptions {
+        proto::CallbackOptions {
+            tensor_inputs: vec!["prompt_embeds".into()],
+            ..Default::default()
+        }
+    }
+    /// A subscription to the cutoff step only, for a run of `num_timesteps` timesteps (equal to
+    /// the steps for DDIM and Euler): the other steps never wait for this client.
+    pub fn subscription_for(&self, num_timesteps: usize) -> proto::CallbackOptions {
+        proto::CallbackOptions {
+            tensor_inputs: vec!["prompt_embeds".into()],
+            step_indices: vec![self.step(num_timesteps) as u32],
+            ..Default::default()
+        }
+    }
+    /// The same blocking subscription for `model`, naming every CFG-batched tensor it offers
+    /// (SDXL's `add_text_embeds` and `add_time_ids` must be halved with `prompt_embeds`, as
+    /// diffusers' `SDXLCFGCutoffCallback` does).
+    pub fn subscription_for_model(&self, model: &proto::ModelInfo) -> proto::CallbackOptions {
+        proto::CallbackOptions {
+            tensor_inputs: crate::pipeline::CFG_BATCHED
+                .iter()
+                .filter(|n| model.callback_tensor_inputs.iter().any(|m| m == *n))
+                .map(|n| n.to_string())
+                .collect(),
+            ..Default::default()
+        }
+    }
+    /// The changes at this step: guidance 0 and the conditional half of every CFG-batched
+    /// tensor the step carries.
+    pub fn apply(&self, s: &StepState) -> Result<StepChanges, ClientError> {
+        if s.step_index != self.step(s.num_timesteps) || !s.do_classifier_free_guidance {
+            return Ok(StepChanges::none());
+        }
+        let mut changes = StepChanges::none().guidance(0.0);
+        for name in crate::pipeline::CFG_BATCHED {
+            if s.tensors.contains_key(*name) {
+                changes = changes.tensor(*name, conditional_half_tensor(s.tensor(name)?)?);
+            }
+        }
+        Ok(changes)
+    }
+}
+
+/// One server event of an observe-only run.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The request was accepted.
+    Accepted(proto::Accepted),
+    /// A step ended (its tensors decoded).
+    Step(StepState),
+    /// The generation finished; the stream ends after it.
+    Completed(proto::Completed),
+}
+
+/// A connection to a stepstream server.
+#[derive(Clone)]
+pub struct Client {
+    inner: DiffusionClient<Channel>,
+    token: Option<MetadataValue<Ascii>>,
+    reply_retries: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("reply_retries", &self.reply_retries)
+            .finish()
+    }
+}
+
+/// `host:port` → `http://host:port`; URLs with a scheme stay as they are.
+fn endpoint_url(url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// Decodes a wire tensor into an f32 CPU tensor (non-finite values pass: they are the
+/// server's, and the client should see them).
+fn decode(name: &str, t: &proto::Tensor) -> Result<Tensor, ClientError> {
+    let err = |reason: String| ClientError::Tensor {
+        name: name.into(),
+        reason,
+    };
+    let dims = crate::tensor::check_header(t, usize::MAX).map_err(|e| err(e.to_string()))?;
+    let (dtype, _, _) = crate::tensor::wire_dtype(t.dtype).map_err(|e| err(e.to_string()))?;
+    let values: Vec<f32> = match dtype {
+        proto::DType::DtypeF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        proto::DType::DtypeBf16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| err(e.to_string()))
+}
+
+fn step_state(
+    s: proto::StepEnd,
+    accepted: &Arc<proto::Accepted>,
+    rejected: Option<proto::ReplyRejected>,
+) -> Result<StepState, ClientError> {
+    let mut tensors = HashMap::with_capacity(s.tensors.len());
+    for (name, t) in &s.tensors {
+        tensors.insert(name.clone(), decode(name, t)?);
+    }
+    Ok(StepState {
+        step_index: s.step_index as usize,
+        timestep: s.timestep,
+        num_timesteps: s.num_timesteps as usize,
+        guidance_scale: s.guidance_scale,
+        do_classifier_free_guidance: s.do_classifier_free_guidance,
+        tensors,
+        step_ms: s.step_ms,
+        reply_required: s.reply_required,
+        rejected,
+        accepted: accepted.clone(),
+    })
+}
+
+fn closed() -> ClientError {
+    ClientError::Protocol("the request stream closed early".into())
+}
+
+impl Client {
+    /// Connects to `url` (`host:port` or `http://host:port`).
+    pub async fn connect(url: impl AsRef<str>) -> Result<Self, ClientError> {
+        let url = endpoint_url(url.as_ref());
+        let connect = |source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| ClientError::Protocol(format!("bad address `{url}`: {e}")))?
+            .connect()
+            .await
+            .map_err(connect)?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: DiffusionClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            token: None,
+            reply_retries: 0,
+        }
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let v = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Protocol("the token is not valid header text".into()))?;
+        self.token = Some(v);
+        Ok(self)
+    }
+
+    /// How many times a rejected reply may be retried: the closure runs again for the same step
+    /// with [`StepState::rejected`] set. Past that, [`ClientError::ReplyRejected`]. Default 0.
+    pub fn reply_retries(mut self, n: u32) -> Self {
+        self.reply_retries = n;
+        self
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
+    }
+
+    /// The served models, their defaults, schedulers and callback tensors.
+    pub async fn list_models(&mut self) -> Result<proto::ListModelsResponse, ClientError> {
+        let r = self.request(proto::ListModelsRequest {});
+        Ok(self.inner.list_models(r).await?.into_inner())
+    }
+
+    /// One generation without callbacks (`GenerateOnce`).
+    pub async fn generate_once(
+        &mut self,
+        request: proto::GenerateRequest,
+    ) -> Result<proto::Completed, ClientError> {
+        let r = self.request(request);
+        Ok(self.inner.generate_once(r).await?.into_inner())
+    }
+
+    /// Opens a `Generate` stream with `request` as `start`; returns the reply sender (which must
+    /// stay alive until `Completed`) and the event stream.
+    async fn open(
+        &mut self,
+        request: proto::GenerateRequest,
+    ) -> Result<
+        (
+            mpsc::Sender<proto::ClientMessage>,
+            tonic::Streaming<proto::ServerMessage>,
+        ),
+        ClientError,
+    > {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(proto::ClientMessage {
+            kind: Some(client_message::Kind::Start(request)),
+        })
+        .await
+        .map_err(|_| closed())?;
+        let r = self.request(ReceiverStream::new(rx));
+        let inbound = self.inner.generate(r).await?.into_inner();
+        Ok((tx, inbound))
+    }
+
+    /// Runs one generation, calling `callback` at each step the request subscribes to
+    /// (`request.callback`; unset: every step, no tensors) and sending what it returns as the
+    /// step's reply. Only the subscribed steps wait for this client: subscribe to the steps the
+    /// callback acts on (`step_indices`) to let the others run at full speed.
+    pub async fn generate<F, E>(
+        &mut self,
+        mut request: proto::GenerateRequest,
+        mut callback: F,
+    ) -> Result<proto::Completed, ClientError>
+    where
+        F: FnMut(&StepState) -> Result<StepChanges, E>,
+        E: Into<BoxError>,
+    {
+        let mut cb = request.callback.take().unwrap_or_default();
+        cb.observe_only = false;
+        let wire = proto::DType::try_from(cb.wire_dtype).unwrap_or(proto::DType::DtypeF32);
+        request.callback = Some(cb);
+        let (tx, mut inbound) = self.open(request).await?;
+        let mut accepted: Option<Arc<proto::Accepted>> = None;
+        let mut last: Option<proto::StepEnd> = None;
+        let mut tries = 0u32;
+        let mut answer = |step: &proto::StepEnd,
+                          accepted: &Arc<proto::Accepted>,
+                          rejected: Option<proto::ReplyRejected>|
+         -> Result<proto::StepReply, ClientError> {
+            let state = step_state(step.clone(), accepted, rejected)?;
+            let changes = callback(&state).map_err(|e| ClientError::Callback {
+                step_index: step.step_index,
+                source: e.into(),
+            })?;
+            let mut reply = proto::StepReply {
+                step_index: step.step_index,
+                guidance_scale: changes.guidance_scale,
+                interrupt: changes.interrupt,
+                ..Default::default()
+            };
+            for (name, t) in &changes.tensors {
+                let w = crate::tensor::encode(t, wire).map_err(|e| ClientError::Tensor {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                reply.tensors.insert(name.clone(), w);
+            }
+            Ok(reply)
+        };
+        while let Some(msg) = inbound.message().await? {
+            match msg.kind {
+                Some(server_message::Kind::Accepted(a)) => accepted = Some(Arc::new(a)),
+                Some(server_message::Kind::StepEnd(s)) => {
+                    let acc = accepted
+                        .as_ref()
+                        .ok_or_else(|| ClientError::Protocol("StepEnd before Accepted".into()))?;
+                    tries = 0;
+                    let reply = answer(&s, acc, None)?;
+                    if s.reply_required {
+                        tx.send(proto::ClientMessage {
+                            kind: Some(client_message::Kind::Reply(reply)),
+                        })
+                        .await
+                        .map_err(|_| closed())?;
+                    }
+                    last = Some(s);
+                }
+                Some(server_message::Kind::ReplyRejected(r)) => {
+                    let (Some(step), Some(acc)) = (&last, &accepted) else {
+                        return Err(ClientError::Protocol(
+                            "ReplyRejected before any StepEnd".into(),
+                        ));
+                    };
+                    if tries >= self.reply_retries {
+                        return Err(ClientError::ReplyRejected {
+                            step_index: r.step_index,
+                            field: r.field,
+                            reason: r.reason,
+                        });
+                    }
+                    tries += 1;
+                    let reply = answer(step, acc, Some(r))?;
+                    tx.send(proto::ClientMessage {
+                        kind: Some(client_message::Kind::Reply(reply)),
+                    })
+                    .await
+                    .map_err(|_| closed())?;
+                }
+                Some(server_message::Kind::Completed(c)) => return Ok(c),
+                Some(server_message::Kind::Queued(_)) | None => {}
+            }
+        }
+        Err(ClientError::Protocol(
+            "the stream ended without Completed".into(),
+        ))
+    }
+
+    /// Runs one observe-only generation: the server sends the events `request.callback` asks for
+    /// (unset: every step, no tensors) and never waits for this client. Dropping the stream
+    /// before `Completed` cancels the generation.
+    pub async fn observe(
+        &mut self,
+        mut request: proto::GenerateRequest,
+    ) -> Result<Events, ClientError> {
+        let mut cb = request.callback.take().unwrap_or_default();
+        cb.observe_only = true;
+        request.callback = Some(cb);
+        let (tx, inbound) = self.open(request).await?;
+        Ok(Events {
+            inbound,
+            _requests: Some(tx),
+            accepted: None,
+            done: false,
+        })
+    }
+}
+
+/// The events of an observe-only run ([`Client::observe`]); ends after [`Event::Completed`] or
+/// the first error.
+pub struct Events {
+    inbound: tonic::Streaming<proto::ServerMessage>,
+    // Keeps the request stream open until the run ends: closing it cancels the generation.
+    _requests: Option<mpsc::Sender<proto::ClientMessage>>,
+    accepted: Option<Arc<proto::Accepted>>,
+    done: bool,
+}
+
+impl Stream for Events {
+    type Item = Result<Event, ClientError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let msg = match Pin::new(&mut self.inbound).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(ClientError::Protocol(
+                        "the stream ended without Completed".into(),
+                    ))));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status.into())));
+                }
+                Poll::Ready(Some(Ok(m))) => m,
+            };
+            let ev = match msg.kind {
+                Some(server_message::Kind::Accepted(a)) => {
+                    self.accepted = Some(Arc::new(a.clone()));
+                    Ok(Event::Accepted(a))
+                }
+                Some(server_message::Kind::StepEnd(s)) => match &self.accepted {
+                    Some(acc) => step_state(s, acc, None).map(Event::Step),
+                    None => Err(ClientError::Protocol("StepEnd before Accepted".into())),
+                },
+                Some(server_message::Kind::Completed(c)) => {
+                    self.done = true;
+                    self._requests = None;
+                    Ok(Event::Completed(c))
+                }
+                Some(server_message::Kind::ReplyRejected(r)) => {
+                    Err(ClientError::Protocol(format!(
+                        "ReplyRejected in an observe-only run: {}: {}",
+                        r.field, r.reason
+                    )))
+                }
+                Some(server_message::Kind::Queued(_)) | None => continue,
+            };
+            if ev.is_err() {
+                self.done = true;
+            }
+            return Poll::Ready(Some(ev));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +666,53 @@ mod tests {
             ..t
         };
         assert!(conditional_half(&odd).is_err());
+
+        let c = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 2))
+            .unwrap();
+        let h = conditional_half_tensor(&c).unwrap();
+        assert_eq!(
+            h.to_vec2::<f32>().unwrap(),
+            vec![vec![4.0, 5.0], vec![6.0, 7.0]]
+        );
+        assert!(conditional_half_tensor(&c.narrow(0, 0, 3).unwrap()).is_err());
+    }
+
+    fn state(step: usize, cfg: bool, batch: usize) -> StepState {
+        StepState {
+            step_index: step,
+            timestep: 0.0,
+            num_timesteps: 10,
+            guidance_scale: if cfg { 7.5 } else { 0.0 },
+            do_classifier_free_guidance: cfg,
+            tensors: HashMap::from([(
+                "prompt_embeds".to_string(),
+                Tensor::zeros((batch, 77, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            )]),
+            step_ms: 0.0,
+            reply_required: true,
+            rejected: None,
+            accepted: Arc::new(proto::Accepted::default()),
+        }
+    }
+
+    #[test]
+    fn cfg_cutoff_acts_once_and_only_under_cfg() {
+        let c = CfgCutoff::ratio(0.4);
+        assert_eq!(c.subscription_for(10).step_indices, vec![4]);
+        let none = c.apply(&state(3, true, 4)).unwrap();
+        assert!(none.guidance_scale.is_none() && none.tensors.is_empty());
+        let at = c.apply(&state(4, true, 4)).unwrap();
+        assert_eq!(at.guidance_scale, Some(0.0));
+        assert_eq!(at.tensors["prompt_embeds"].dims(), &[2, 77, 8]);
+        assert!(c.apply(&state(4, false, 2)).unwrap().tensors.is_empty());
+        assert_eq!(CfgCutoff::Index(7).step(100), 7);
+    }
+
+    #[test]
+    fn urls_get_a_scheme() {
+        assert_eq!(endpoint_url("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(endpoint_url("https://h:1"), "https://h:1");
     }
 }

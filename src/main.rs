@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use stepstream::client::{self, GenerateOptions, Progress};
+use stepstream::client::{self, CfgCutoff, Client, Event};
 use stepstream::engine::{Engine, EngineConfig};
 use stepstream::models::{embedded, hub};
 use stepstream::proto;
 use stepstream::server::{self, Limits, ServerConfig};
+use tokio_stream::StreamExt;
 
 /// Stable Diffusion over gRPC, steerable at every denoising step.
 #[derive(Parser, Debug)]
@@ -149,9 +150,12 @@ struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
-    /// Server address.
+    /// Server address (`host:port` or `http://host:port`).
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
+    /// Bearer token sent as `authorization` metadata.
+    #[arg(long, env = "STEPSTREAM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Model id (empty: the server's default).
     #[arg(long, env = "STEPSTREAM_GENERATE_MODEL", default_value = "")]
     model: String,
@@ -173,9 +177,15 @@ struct GenerateArgs {
     /// Scheduler name (empty: the model's own).
     #[arg(long, env = "STEPSTREAM_SCHEDULER", default_value = "")]
     scheduler: String,
-    /// Turn classifier-free guidance off after this fraction of the steps (e.g. 0.4).
-    #[arg(long, env = "STEPSTREAM_CFG_CUTOFF")]
+    /// Turn classifier-free guidance off after this fraction of the steps (e.g. 0.4): the client
+    /// answers every step and, at step int(num_timesteps * RATIO), sends guidance 0 and the
+    /// conditional half of prompt_embeds.
+    #[arg(long, env = "STEPSTREAM_CFG_CUTOFF", conflicts_with = "observe")]
     cfg_cutoff: Option<f64>,
+    /// Watch every step (progress bar with each step's time) without ever making the server
+    /// wait. Without this or --cfg-cutoff the image comes from one GenerateOnce call.
+    #[arg(long, env = "STEPSTREAM_OBSERVE")]
+    observe: bool,
     /// Output PNG file (with several images: NAME-1.png, NAME-2.png, ...).
     #[arg(long, env = "STEPSTREAM_OUT", default_value = "out.png")]
     out: PathBuf,
@@ -351,73 +361,110 @@ async fn shutdown_signal() {
     }
 }
 
+/// The progress bar of `generate`: one tick per step, with the server's step time.
+#[derive(Default)]
 struct Bar(Option<indicatif::ProgressBar>);
 
-impl Progress for Bar {
-    fn accepted(&mut self, a: &proto::Accepted) {
-        eprintln!(
-            "accepted {} on {} ({}x{}, {} steps, {}, seed {})",
-            a.request_id,
-            a.model,
-            a.width,
-            a.height,
-            a.timesteps.len(),
-            a.scheduler,
-            a.seed
-        );
-        let bar = indicatif::ProgressBar::new(a.timesteps.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}")
+impl Bar {
+    fn step(&mut self, s: &client::StepState) {
+        let bar = self.0.get_or_insert_with(|| {
+            let a = &s.accepted;
+            eprintln!(
+                "accepted {} on {} ({}x{}, {} steps, {}, seed {})",
+                a.request_id,
+                a.model,
+                a.width,
+                a.height,
+                a.timesteps.len(),
+                a.scheduler,
+                a.seed
+            );
+            let bar = indicatif::ProgressBar::new(s.num_timesteps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} steps [{elapsed_precise}] {msg}",
+                )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        self.0 = Some(bar);
+            );
+            bar
+        });
+        bar.set_position(s.step_index as u64 + 1);
+        bar.set_message(format!(
+            "t={} cfg={} {:.1} ms/step",
+            s.timestep, s.do_classifier_free_guidance, s.step_ms
+        ));
     }
-    fn step(&mut self, s: &proto::StepEnd) {
+
+    fn finish(&self) {
         if let Some(b) = &self.0 {
-            b.set_position(s.step_index as u64 + 1);
-            b.set_message(format!(
-                "t={} cfg={} {:.1} ms",
-                s.timestep, s.do_classifier_free_guidance, s.step_ms
-            ));
+            b.finish();
         }
-    }
-    fn rejected(&mut self, r: &proto::ReplyRejected) {
-        eprintln!(
-            "reply rejected at step {}: {}: {}",
-            r.step_index, r.field, r.reason
-        );
     }
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let endpoint = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let mut client = proto::diffusion_client::DiffusionClient::connect(endpoint.clone())
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .max_encoding_message_size(256 * 1024 * 1024);
-    let opts = GenerateOptions {
-        request: proto::GenerateRequest {
-            model: args.model,
-            prompt: args.prompt,
-            negative_prompt: args.negative_prompt,
-            num_inference_steps: args.steps,
-            guidance_scale: args.guidance,
-            seed: args.seed,
-            scheduler: args.scheduler,
-            ..Default::default()
-        },
-        cfg_cutoff: args.cfg_cutoff,
-    };
-    let mut bar = Bar(None);
-    let done = client::generate(&mut client, opts, &mut bar).await?;
-    if let Some(b) = &bar.0 {
-        b.finish();
+    let mut client = Client::connect(&args.addr).await?;
+    if let Some(t) = &args.token {
+        client = client.with_token(t)?;
     }
+    let request = proto::GenerateRequest {
+        model: args.model,
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        seed: args.seed,
+        scheduler: args.scheduler,
+        ..Default::default()
+    };
+    let mut bar = Bar::default();
+    let done = if let Some(ratio) = args.cfg_cutoff {
+        let cutoff = CfgCutoff::ratio(ratio);
+        // The model's CFG-batched tensors (SDXL has three) decide what the cutoff must halve.
+        let models = client.list_models().await?;
+        let id = if request.model.is_empty() {
+            models.default_model.clone()
+        } else {
+            request.model.clone()
+        };
+        let model = models
+            .models
+            .iter()
+            .find(|m| m.id == id)
+            .with_context(|| format!("the server has no model `{id}`"))?;
+        let request = proto::GenerateRequest {
+            // Every step, so that the progress bar is exact; only the cutoff step changes anything.
+            callback: Some(cutoff.subscription_for_model(model)),
+            ..request
+        };
+        let done = client
+            .generate(request, |s| {
+                bar.step(s);
+                cutoff.apply(s)
+            })
+            .await;
+        bar.finish();
+        done?
+    } else if args.observe {
+        let mut events = client.observe(request).await?;
+        let mut done = None;
+        while let Some(ev) = events.next().await {
+            match ev? {
+                Event::Step(s) => bar.step(&s),
+                Event::Completed(c) => done = Some(c),
+                Event::Accepted(_) => {}
+            }
+        }
+        bar.finish();
+        done.context("the server sent no result")?
+    } else {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message("generating (GenerateOnce)");
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        let done = client.generate_once(request).await;
+        spinner.finish_and_clear();
+        done?
+    };
     let n = done.images.len();
     for (i, img) in done.images.iter().enumerate() {
         let path = if n == 1 {
@@ -429,17 +476,20 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         std::fs::write(&path, &img.data).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {} ({}x{})", path.display(), img.width, img.height);
     }
-    if let Some(t) = &done.timings {
-        eprintln!(
-            "seed {}{}; encode {:.1} ms, denoise {:.1} ms (callback wait {:.1} ms), decode {:.1} ms",
-            done.seed,
-            if done.interrupted { " (interrupted)" } else { "" },
-            t.encode_ms,
-            t.denoise_ms,
-            t.callback_wait_ms,
-            t.decode_ms
-        );
-    }
+    let t = done.timings.unwrap_or_default();
+    eprintln!(
+        "seed {}{}; encode {:.1} ms, denoise {:.1} ms (callback wait {:.1} ms), decode {:.1} ms",
+        done.seed,
+        if done.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        },
+        t.encode_ms,
+        t.denoise_ms,
+        t.callback_wait_ms,
+        t.decode_ms
+    );
     Ok(())
 }
 
