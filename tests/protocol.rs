@@ -584,7 +584,20 @@ async fn list_models_and_latent_only_output() {
         ("sd1", 64, 64)
     );
     assert_eq!(m.default_scheduler, "ddim");
-    assert_eq!(m.schedulers, vec!["ddim", "euler"]);
+    assert_eq!(
+        m.schedulers,
+        vec![
+            "ddim",
+            "euler",
+            "euler_a",
+            "dpmpp_2m",
+            "dpmpp_2m_karras",
+            "pndm",
+            "lcm",
+            "unipc",
+            "ddpm",
+        ]
+    );
     assert_eq!(
         m.callback_tensor_inputs,
         vec!["latents", "prompt_embeds", "negative_prompt_embeds"]

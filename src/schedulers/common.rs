@@ -237,6 +237,167 @@ pub fn spaced_timesteps(
     }
 }
 
+/// `np.interp(timesteps, arange(len(sigmas)), sigmas)`: the training sigma table (float32,
+/// ascending in training timestep) read at possibly fractional timesteps, in float64.
+pub fn interp_sigmas(timesteps: &[f64], train_sigmas: &[f32]) -> Vec<f64> {
+    let xp: Vec<f64> = (0..train_sigmas.len()).map(|i| i as f64).collect();
+    let fp: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
+    timesteps.iter().map(|&t| np_interp(t, &xp, &fp)).collect()
+}
+
+/// The timesteps of the multistep solvers (DPM-Solver++, UniPC), descending, as int64:
+/// `n + 1` points spaced over `[0, last_timestep)`, the last one dropped.
+/// `leading`: `arange(n + 1) * (last // (n + 1))`, reversed, minus its last, `+ steps_offset`;
+/// `linspace`: `round(linspace(0, last - 1, n + 1))`, reversed, minus its last;
+/// `trailing`: `round(arange(last, 0, -N / n)) - 1`.
+pub fn multistep_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    last_timestep: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<i64> {
+    match spacing {
+        TimestepSpacing::Leading => {
+            let ratio = (last_timestep / (n + 1)) as i64;
+            (1..=n as i64)
+                .rev()
+                .map(|i| i * ratio + steps_offset as i64)
+                .collect()
+        }
+        TimestepSpacing::Linspace => {
+            let mut t = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1);
+            t.reverse();
+            t.pop();
+            t.into_iter().map(|x| x.round_ties_even() as i64).collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train_timesteps as f64 / n.max(1) as f64;
+            np_arange(last_timestep as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| t.round_ties_even() as i64 - 1)
+                .collect()
+        }
+    }
+}
+
+/// diffusers' `_convert_to_karras`: `n` sigmas from `sigma_max` down to `sigma_min`, evenly
+/// spaced in `sigma ** (1 / 7)` (float64, as numpy computes them).
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0f64;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep of `sigma`, interpolating
+/// linearly in log sigma between the two neighbouring entries of `log_sigmas` (float32,
+/// ascending). Float64 except `low - high`, which numpy computes in float32.
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let n = log_sigmas.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let log_sigma = sigma.max(1e-10).ln();
+    // The last index with log_sigmas[i] <= log_sigma (0 when there is none), at most n - 2.
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let high_idx = low_idx + 1;
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// diffusers' `_sigma_to_alpha_sigma_t` in float32: `alpha = 1 / sqrt(sigma^2 + 1)`,
+/// `sigma_t = sigma * alpha`.
+pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// `lambda = ln(alpha) - ln(sigma)` in float32 (`+inf` at sigma 0).
+pub fn lambda_of(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+/// `alphas_cumprod[t]` with Python indexing (a negative `t` counts from the end).
+pub fn alpha_cumprod_at(alphas_cumprod: &[f32], t: i64) -> Result<f32> {
+    let n = alphas_cumprod.len() as i64;
+    let i = if t < 0 { t + n } else { t };
+    if (0..n).contains(&i) {
+        Ok(alphas_cumprod[i as usize])
+    } else {
+        Err(SchedulerError::InvalidConfig(format!(
+            "timestep {t} is outside the {n} training timesteps"
+        )))
+    }
+}
+
+/// Solves `a x = b` (`a` square, row-major) in float32 by LU with partial pivoting, the way
+/// LAPACK's `sgesv` (behind `torch.linalg.solve`) does. `None` if `a` is singular.
+pub fn solve_f32(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Option<Vec<f32>> {
+    let n = b.len();
+    if a.len() != n || a.iter().any(|r| r.len() != n) {
+        return None;
+    }
+    for k in 0..n {
+        // The first row holding the largest |a[i][k]| (isamax).
+        let mut p = k;
+        for i in k + 1..n {
+            if a[i][k].abs() > a[p][k].abs() {
+                p = i;
+            }
+        }
+        if a[p][k] == 0.0 {
+            return None;
+        }
+        a.swap(k, p);
+        b.swap(k, p);
+        let inv = 1.0 / a[k][k];
+        let (top, bottom) = a.split_at_mut(k + 1);
+        let pivot_row = &top[k];
+        for row in bottom.iter_mut() {
+            let l = row[k] * inv;
+            row[k] = l;
+            for (x, p) in row[k + 1..].iter_mut().zip(&pivot_row[k + 1..]) {
+                *x -= l * p;
+            }
+        }
+    }
+    // Forward substitution with the unit lower factor, then back substitution.
+    for i in 0..n {
+        let s: f32 = a[i][..i].iter().zip(&b[..i]).map(|(l, y)| l * y).sum();
+        b[i] -= s;
+    }
+    for i in (0..n).rev() {
+        let s: f32 = a[i][i + 1..]
+            .iter()
+            .zip(&b[i + 1..])
+            .map(|(u, x)| u * x)
+            .sum();
+        b[i] = (b[i] - s) / a[i][i];
+    }
+    Some(b)
+}
+
+/// Rejects the switches among `flags` (config key, value) that are on: features of the
+/// scheduler's diffusers class that are not implemented here. Each scheduler passes only the
+/// keys its class reads (diffusers ignores the others).
+pub fn reject_flags(scheduler: &str, flags: &[(&str, bool)]) -> Result<()> {
+    match flags.iter().find(|(_, on)| *on) {
+        Some((flag, _)) => Err(SchedulerError::InvalidConfig(format!(
+            "`{flag}` = true is not supported by the {scheduler} scheduler"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A 0-dim tensor holding `x` with `like`'s dtype and device.
 pub fn scalar_like(x: f32, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::new(x, like.device())?.to_dtype(like.dtype())?)
@@ -319,6 +480,46 @@ mod tests {
         })
         .unwrap();
         assert!((ac[0] - plain[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn multistep_spacing_like_diffusers() {
+        use TimestepSpacing::*;
+        assert_eq!(
+            multistep_timesteps(Leading, 1000, 1000, 10, 1),
+            vec![901, 811, 721, 631, 541, 451, 361, 271, 181, 91]
+        );
+        assert_eq!(
+            multistep_timesteps(Linspace, 1000, 1000, 4, 0),
+            vec![999, 749, 500, 250]
+        );
+        assert_eq!(
+            multistep_timesteps(Trailing, 1000, 1000, 4, 0),
+            vec![999, 749, 499, 249]
+        );
+    }
+
+    #[test]
+    fn sigma_to_t_inverts_the_table() {
+        let log_sigmas: Vec<f32> = [0.1f32, 0.2, 0.4, 0.8].iter().map(|s| s.ln()).collect();
+        // (float64 log of the point vs the float32 table: equal to ~1e-7.)
+        assert!((sigma_to_t(0.2f32 as f64, &log_sigmas) - 1.0).abs() < 1e-6);
+        let mid = ((0.2f64.ln() + 0.4f64.ln()) / 2.0).exp();
+        assert!((sigma_to_t(mid, &log_sigmas) - 1.5).abs() < 1e-6);
+        // Clamped at both ends.
+        assert_eq!(sigma_to_t(0.01, &log_sigmas), 0.0);
+        assert_eq!(sigma_to_t(5.0, &log_sigmas), 3.0);
+    }
+
+    #[test]
+    fn karras_endpoints_and_solve() {
+        let k = karras_sigmas(0.03, 14.6, 5);
+        assert_eq!(k.len(), 5);
+        assert!((k[0] - 14.6).abs() < 1e-12 && (k[4] - 0.03).abs() < 1e-12);
+        assert!(k.windows(2).all(|w| w[0] > w[1]));
+        let x = solve_f32(vec![vec![1.0, 1.0], vec![-2.0, 1.0]], vec![3.0, 0.0]).unwrap();
+        assert!((x[0] - 1.0).abs() < 1e-6 && (x[1] - 2.0).abs() < 1e-6);
+        assert!(solve_f32(vec![vec![1.0, 1.0], vec![1.0, 1.0]], vec![1.0, 0.0]).is_none());
     }
 
     #[test]

@@ -71,6 +71,52 @@ pub enum TimestepType {
     Continuous,
 }
 
+/// DPM-Solver's `algorithm_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgorithmType {
+    /// `dpmsolver++` (also what diffusers turns `deis` into): the data-prediction solver.
+    DpmSolverPlusPlus,
+    /// `sde-dpmsolver++`: the stochastic data-prediction solver.
+    SdeDpmSolverPlusPlus,
+    /// `dpmsolver`: the noise-prediction solver (deprecated in diffusers).
+    DpmSolver,
+    /// `sde-dpmsolver`: the stochastic noise-prediction solver (deprecated in diffusers).
+    SdeDpmSolver,
+}
+
+/// The multistep solvers' `solver_type`. DPM-Solver maps `logrho`, `bh1` and `bh2` to
+/// `midpoint`; UniPC maps `midpoint`, `heun` and `logrho` to `bh2` (as diffusers does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SolverType {
+    /// `midpoint` (DPM-Solver).
+    Midpoint,
+    /// `heun` (DPM-Solver).
+    Heun,
+    /// `logrho` (accepted, remapped by both classes).
+    Logrho,
+    /// `bh1` (UniPC, B(h) = h).
+    Bh1,
+    /// `bh2` (UniPC, B(h) = e^h - 1).
+    Bh2,
+}
+
+/// DDPM's (and DPM-Solver's) `variance_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VarianceType {
+    /// `fixed_small`: the posterior variance.
+    FixedSmall,
+    /// `fixed_small_log`: the posterior variance, through its log.
+    FixedSmallLog,
+    /// `fixed_large`: beta_t.
+    FixedLarge,
+    /// `fixed_large_log`: log beta_t.
+    FixedLargeLog,
+    /// `learned`: predicted by the model (twice the channels).
+    Learned,
+    /// `learned_range`: interpolated by the model (twice the channels).
+    LearnedRange,
+}
+
 /// A diffusers scheduler config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
@@ -122,6 +168,39 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: FinalSigmasType,
     /// `timestep_type` (default `discrete`).
     pub timestep_type: TimestepType,
+    /// `skip_prk_steps` (PNDM; default false).
+    pub skip_prk_steps: bool,
+    /// `algorithm_type` (DPM-Solver; default `dpmsolver++`).
+    pub algorithm_type: AlgorithmType,
+    /// `solver_order` (DPM-Solver, UniPC; default 2).
+    pub solver_order: usize,
+    /// `solver_type`; `None` = the class default (DPM-Solver: midpoint, UniPC: bh2).
+    pub solver_type: Option<SolverType>,
+    /// `lower_order_final` (multistep solvers; default true).
+    pub lower_order_final: bool,
+    /// `euler_at_final` (DPM-Solver; default false).
+    pub euler_at_final: bool,
+    /// `use_lu_lambdas` (DPM-Solver; default false).
+    pub use_lu_lambdas: bool,
+    /// `use_flow_sigmas` (default false; flow matching is not implemented).
+    pub use_flow_sigmas: bool,
+    /// `use_dynamic_shifting` (default false; not implemented).
+    pub use_dynamic_shifting: bool,
+    /// `lambda_min_clipped` (DPM-Solver; default -inf).
+    pub lambda_min_clipped: f64,
+    /// `variance_type`; `None` = the class default (DDPM: fixed_small, DPM-Solver: none).
+    pub variance_type: Option<VarianceType>,
+    /// `predict_x0` (UniPC; default true).
+    pub predict_x0: bool,
+    /// `disable_corrector` (UniPC; step indices whose corrector is skipped; default none).
+    pub disable_corrector: Vec<usize>,
+    /// `original_inference_steps` (LCM; default 50).
+    pub original_inference_steps: usize,
+    /// `timestep_scaling` (LCM; default 10.0).
+    pub timestep_scaling: f64,
+    /// `(key, message)` for each class-specific key above whose value could not be read; the
+    /// schedulers that read the key refuse to build (see `check_keys`).
+    pub deferred_errors: Vec<(String, String)>,
     /// The JSON object this config was parsed from (after overrides), unknown keys included.
     pub raw: Value,
 }
@@ -234,6 +313,22 @@ impl SchedulerConfig {
             sigma_max: None,
             final_sigmas_type: FinalSigmasType::Zero,
             timestep_type: TimestepType::Discrete,
+            skip_prk_steps: false,
+            algorithm_type: AlgorithmType::DpmSolverPlusPlus,
+            solver_order: 2,
+            solver_type: None,
+            lower_order_final: true,
+            euler_at_final: false,
+            use_lu_lambdas: false,
+            use_flow_sigmas: false,
+            use_dynamic_shifting: false,
+            lambda_min_clipped: f64::NEG_INFINITY,
+            variance_type: None,
+            predict_x0: true,
+            disable_corrector: Vec::new(),
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
+            deferred_errors: Vec::new(),
             raw,
         }
     }
@@ -391,7 +486,178 @@ impl SchedulerConfig {
         )? {
             c.timestep_type = x;
         }
+        c.parse_class_keys(&map);
         Ok(c)
+    }
+
+    /// Parses the keys only some scheduler classes read. They are parsed leniently: a value that
+    /// cannot be read is recorded in `deferred_errors` and reported only when a scheduler that
+    /// reads the key is built, since diffusers ignores the keys a class does not take (another
+    /// class's unusual setting must not stop a model from loading).
+    fn parse_class_keys(&mut self, map: &Map<String, Value>) {
+        let mut errors = Vec::new();
+        let mut take = |key: &str, r: Result<()>| {
+            if let Err(e) = r {
+                errors.push((key.to_string(), e.to_string()));
+            }
+        };
+        take(
+            "skip_prk_steps",
+            get_bool(map, "skip_prk_steps").map(|x| {
+                if let Some(x) = x {
+                    self.skip_prk_steps = x;
+                }
+            }),
+        );
+        take(
+            "algorithm_type",
+            get_enum(
+                map,
+                "algorithm_type",
+                &[
+                    ("dpmsolver++", AlgorithmType::DpmSolverPlusPlus),
+                    ("sde-dpmsolver++", AlgorithmType::SdeDpmSolverPlusPlus),
+                    ("dpmsolver", AlgorithmType::DpmSolver),
+                    ("sde-dpmsolver", AlgorithmType::SdeDpmSolver),
+                    // diffusers registers `deis` as `dpmsolver++`.
+                    ("deis", AlgorithmType::DpmSolverPlusPlus),
+                ],
+            )
+            .map(|x| {
+                if let Some(x) = x {
+                    self.algorithm_type = x;
+                }
+            }),
+        );
+        take(
+            "solver_order",
+            match get_usize(map, "solver_order") {
+                Ok(Some(0)) => Err(invalid("solver_order", &Value::from(0), "at least 1")),
+                Ok(Some(x)) => {
+                    self.solver_order = x;
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+        );
+        take(
+            "solver_type",
+            get_enum(
+                map,
+                "solver_type",
+                &[
+                    ("midpoint", SolverType::Midpoint),
+                    ("heun", SolverType::Heun),
+                    ("logrho", SolverType::Logrho),
+                    ("bh1", SolverType::Bh1),
+                    ("bh2", SolverType::Bh2),
+                ],
+            )
+            .map(|x| self.solver_type = x),
+        );
+        for (key, field) in [
+            ("lower_order_final", &mut self.lower_order_final),
+            ("euler_at_final", &mut self.euler_at_final),
+            ("use_lu_lambdas", &mut self.use_lu_lambdas),
+            ("use_flow_sigmas", &mut self.use_flow_sigmas),
+            ("use_dynamic_shifting", &mut self.use_dynamic_shifting),
+            ("predict_x0", &mut self.predict_x0),
+        ] {
+            take(
+                key,
+                get_bool(map, key).map(|x| {
+                    if let Some(x) = x {
+                        *field = x;
+                    }
+                }),
+            );
+        }
+        if let Some(v) = present(map, "lambda_min_clipped") {
+            // Python writes -inf (the default) as `-Infinity`, which is not JSON; a config that
+            // went through a strict JSON writer may hold it as a string.
+            let parsed = match v {
+                Value::String(s) if matches!(s.as_str(), "-inf" | "-Infinity") => {
+                    Some(f64::NEG_INFINITY)
+                }
+                _ => v.as_f64().filter(|x| !x.is_nan()),
+            };
+            match parsed {
+                Some(x) => self.lambda_min_clipped = x,
+                None => take(
+                    "lambda_min_clipped",
+                    Err(invalid("lambda_min_clipped", v, "a number")),
+                ),
+            }
+        }
+        take(
+            "variance_type",
+            get_enum(
+                map,
+                "variance_type",
+                &[
+                    ("fixed_small", VarianceType::FixedSmall),
+                    ("fixed_small_log", VarianceType::FixedSmallLog),
+                    ("fixed_large", VarianceType::FixedLarge),
+                    ("fixed_large_log", VarianceType::FixedLargeLog),
+                    ("learned", VarianceType::Learned),
+                    ("learned_range", VarianceType::LearnedRange),
+                ],
+            )
+            .map(|x| self.variance_type = x),
+        );
+        if let Some(v) = present(map, "disable_corrector") {
+            let steps = v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|i| i.as_u64().and_then(|i| usize::try_from(i).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            });
+            match steps {
+                Some(steps) => self.disable_corrector = steps,
+                None => take(
+                    "disable_corrector",
+                    Err(invalid("disable_corrector", v, "a list of step indices")),
+                ),
+            }
+        }
+        take(
+            "original_inference_steps",
+            match get_usize(map, "original_inference_steps") {
+                Ok(Some(0)) => Err(invalid(
+                    "original_inference_steps",
+                    &Value::from(0),
+                    "at least 1",
+                )),
+                Ok(Some(x)) => {
+                    self.original_inference_steps = x;
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+        );
+        take(
+            "timestep_scaling",
+            get_f64(map, "timestep_scaling").map(|x| {
+                if let Some(x) = x {
+                    self.timestep_scaling = x;
+                }
+            }),
+        );
+        self.deferred_errors = errors;
+    }
+
+    /// The first value among `keys` that could not be read (see `deferred_errors`), as the
+    /// error a scheduler reading those keys reports.
+    pub fn check_keys(&self, keys: &[&str]) -> Result<()> {
+        match self
+            .deferred_errors
+            .iter()
+            .find(|(k, _)| keys.contains(&k.as_str()))
+        {
+            Some((_, message)) => Err(SchedulerError::InvalidConfig(message.clone())),
+            None => Ok(()),
+        }
     }
 
     /// This config with `overrides` (a JSON object) applied, like diffusers'
@@ -467,6 +733,31 @@ mod tests {
         }
         assert!(SchedulerConfig::from_json_bytes(b"[1]").is_err());
         assert!(SchedulerConfig::from_json_bytes(b"{").is_err());
+    }
+
+    #[test]
+    fn class_specific_keys_are_lenient_until_read() {
+        // An SA-Solver config: `algorithm_type` is none of DPM-Solver's, yet the model loads.
+        let c = SchedulerConfig::from_json_bytes(
+            br#"{"algorithm_type": "data_prediction", "solver_order": 0,
+                 "variance_type": "fixed_small_log", "lambda_min_clipped": "-inf"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.algorithm_type, AlgorithmType::DpmSolverPlusPlus);
+        assert_eq!(c.variance_type, Some(VarianceType::FixedSmallLog));
+        assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
+        assert!(c.check_keys(&["variance_type", "skip_prk_steps"]).is_ok());
+        let err = c.check_keys(&["algorithm_type"]).unwrap_err().to_string();
+        assert!(
+            err.contains("algorithm_type") && err.contains("data_prediction"),
+            "{err}"
+        );
+        assert!(c.check_keys(&["solver_order"]).is_err());
+        // Overriding the key clears its error.
+        let o = c
+            .with_overrides(&serde_json::json!({"algorithm_type": "dpmsolver++"}))
+            .unwrap();
+        assert!(o.check_keys(&["algorithm_type"]).is_ok());
     }
 
     #[test]

@@ -9,7 +9,13 @@ use crate::rng::NoiseSource;
 pub mod common;
 pub mod config;
 pub mod ddim;
+pub mod ddpm;
+pub mod dpm_solver;
 pub mod euler;
+pub mod euler_ancestral;
+pub mod lcm;
+pub mod pndm;
+pub mod unipc;
 
 pub use config::SchedulerConfig;
 
@@ -62,19 +68,108 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
 }
 
-/// The scheduler names a request may ask for.
-pub const SCHEDULER_NAMES: &[&str] = &["ddim", "euler"];
+/// The scheduler names a request may ask for, each a diffusers class plus settings:
+///
+/// | name | diffusers class and settings |
+/// |---|---|
+/// | `ddim` | DDIMScheduler |
+/// | `euler` | EulerDiscreteScheduler |
+/// | `euler_a` | EulerAncestralDiscreteScheduler |
+/// | `dpmpp_2m` | DPMSolverMultistepScheduler, algorithm_type dpmsolver++, solver_order 2 |
+/// | `dpmpp_2m_karras` | the same with use_karras_sigmas |
+/// | `pndm` | PNDMScheduler with skip_prk_steps |
+/// | `lcm` | LCMScheduler |
+/// | `unipc` | UniPCMultistepScheduler |
+/// | `ddpm` | DDPMScheduler |
+pub const SCHEDULER_NAMES: &[&str] = &[
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "pndm",
+    "lcm",
+    "unipc",
+    "ddpm",
+];
 
 /// The name for a diffusers scheduler class name (`DDIMScheduler` -> `ddim`), if we implement it.
+/// A model that ships DPMSolverMultistepScheduler gets `dpmpp_2m`, which keeps the model's own
+/// sigma settings (Karras sigmas included) and forces only the 2M++ algorithm and order.
 pub fn name_for_class(class_name: &str) -> Option<&'static str> {
     match class_name {
         "DDIMScheduler" => Some("ddim"),
         "EulerDiscreteScheduler" => Some("euler"),
+        "EulerAncestralDiscreteScheduler" => Some("euler_a"),
+        "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
+        "PNDMScheduler" => Some("pndm"),
+        "LCMScheduler" => Some("lcm"),
+        "UniPCMultistepScheduler" => Some("unipc"),
+        "DDPMScheduler" => Some("ddpm"),
         _ => None,
     }
 }
 
-/// Builds scheduler `name` ("" = the config's own class) from `config`, set up for `num_inference_steps`.
+/// The diffusers class a name builds and the overrides it passes to `from_config`, as JSON.
+pub fn class_and_overrides(name: &str) -> Option<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    Some(match name {
+        "ddim" => ("DDIMScheduler", json!({})),
+        "euler" => ("EulerDiscreteScheduler", json!({})),
+        "euler_a" => ("EulerAncestralDiscreteScheduler", json!({})),
+        "dpmpp_2m" => (
+            "DPMSolverMultistepScheduler",
+            json!({"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        ),
+        "dpmpp_2m_karras" => (
+            "DPMSolverMultistepScheduler",
+            json!({"algorithm_type": "dpmsolver++", "solver_order": 2,
+                   "use_karras_sigmas": true}),
+        ),
+        "pndm" => ("PNDMScheduler", json!({"skip_prk_steps": true})),
+        "lcm" => ("LCMScheduler", json!({})),
+        "unipc" => ("UniPCMultistepScheduler", json!({})),
+        "ddpm" => ("DDPMScheduler", json!({})),
+        _ => return None,
+    })
+}
+
+/// `config` with the overrides of scheduler `name` applied (what `build` builds from). The
+/// overrides are set on the typed fields (not re-parsed from `raw`), so that adjustments made to
+/// a loaded config (diffusers' legacy fix-ups) survive; `raw` records them too.
+pub fn config_for_name(name: &str, config: &SchedulerConfig) -> SchedulerConfig {
+    let mut c = config.clone();
+    let Some((class, overrides)) = class_and_overrides(name) else {
+        return c;
+    };
+    match name {
+        "dpmpp_2m" | "dpmpp_2m_karras" => {
+            c.algorithm_type = config::AlgorithmType::DpmSolverPlusPlus;
+            c.solver_order = 2;
+            if name == "dpmpp_2m_karras" {
+                c.use_karras_sigmas = true;
+            }
+        }
+        "pndm" => c.skip_prk_steps = true,
+        _ => {}
+    }
+    c.class_name = class.to_string();
+    if let (serde_json::Value::Object(raw), serde_json::Value::Object(over)) =
+        (&mut c.raw, overrides)
+    {
+        raw.insert("_class_name".into(), class.into());
+        // An overridden key's unreadable model value no longer matters.
+        c.deferred_errors.retain(|(k, _)| !over.contains_key(k));
+        for (k, v) in over {
+            raw.insert(k, v);
+        }
+    }
+    c
+}
+
+/// Builds scheduler `name` ("" = the config's own class) from `config`, set up for
+/// `num_inference_steps`: like diffusers' `<Class>.from_config(config, **overrides)` followed
+/// by `set_timesteps(num_inference_steps)`.
 pub fn build(
     name: &str,
     config: &SchedulerConfig,
@@ -94,19 +189,29 @@ pub fn build(
             "num_inference_steps must be at least 1".into(),
         ));
     }
-    match resolved {
-        "ddim" => Ok(Box::new(ddim::DdimScheduler::new(
-            config,
-            num_inference_steps,
-            options,
-        )?)),
-        "euler" => Ok(Box::new(euler::EulerDiscreteScheduler::new(
-            config,
-            num_inference_steps,
-        )?)),
-        other => Err(SchedulerError::UnknownName {
-            name: other.to_string(),
-            valid: SCHEDULER_NAMES.to_vec(),
-        }),
-    }
+    let n = num_inference_steps;
+    let c = config_for_name(resolved, config);
+    Ok(match resolved {
+        "ddim" => Box::new(ddim::DdimScheduler::new(&c, n, options)?),
+        "euler" => Box::new(euler::EulerDiscreteScheduler::new(&c, n)?),
+        "euler_a" => Box::new(euler_ancestral::EulerAncestralScheduler::new(&c, n)?),
+        "dpmpp_2m" => Box::new(dpm_solver::DpmSolverMultistepScheduler::new(
+            "dpmpp_2m", &c, n,
+        )?),
+        "dpmpp_2m_karras" => Box::new(dpm_solver::DpmSolverMultistepScheduler::new(
+            "dpmpp_2m_karras",
+            &c,
+            n,
+        )?),
+        "pndm" => Box::new(pndm::PndmScheduler::new(&c, n)?),
+        "lcm" => Box::new(lcm::LcmScheduler::new(&c, n)?),
+        "unipc" => Box::new(unipc::UniPcScheduler::new(&c, n)?),
+        "ddpm" => Box::new(ddpm::DdpmScheduler::new(&c, n)?),
+        other => {
+            return Err(SchedulerError::UnknownName {
+                name: other.to_string(),
+                valid: SCHEDULER_NAMES.to_vec(),
+            })
+        }
+    })
 }
