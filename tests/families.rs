@@ -83,11 +83,11 @@ fn make_sd2(dir: &Path) {
 }
 
 /// A Turbo-style model: the tiny SD 1.5 weights with a distilled model's scheduler config
-/// (trailing spacing).
+/// (Euler-ancestral, trailing spacing, as SDXL-Turbo ships it).
 fn make_turbo(dir: &Path) {
     copy_dir(&common::model_dir("tiny-sd15"), dir);
     edit_json(&dir.join("scheduler/scheduler_config.json"), |v| {
-        v["_class_name"] = "EulerDiscreteScheduler".into();
+        v["_class_name"] = "EulerAncestralDiscreteScheduler".into();
         v["timestep_spacing"] = "trailing".into();
     });
 }
@@ -123,7 +123,7 @@ async fn sd2_and_turbo_style_models_take_their_defaults_from_their_configs() {
     let t = info(&list, "tiny-turbo");
     assert_eq!(t.family, "sd1");
     assert_eq!((t.default_steps, t.default_guidance_scale), (4, 0.0));
-    assert_eq!(t.default_scheduler, "euler");
+    assert_eq!(t.default_scheduler, "euler_a");
 
     // SD 2.x: v-prediction through both schedulers, CFG on, finite results.
     for scheduler in ["ddim", "euler"] {
