@@ -20,7 +20,15 @@ impl From<EngineError> for Status {
             EngineError::Unavailable(_) => Code::Unavailable,
             EngineError::Internal(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if code == Code::ResourceExhausted {
+            // A retry hint (gRPC's retry pushback), in milliseconds.
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from(1000u32),
+            );
+        }
+        status
     }
 }
 

@@ -20,12 +20,15 @@ pub struct Options {
     pub reply_timeout: Duration,
     /// Models to serve (default: the tiny SD 1.5 fixture folder).
     pub models: Vec<(String, ModelSource)>,
+    /// Server settings (its `limits.default_reply_timeout` is replaced by `reply_timeout`).
+    pub config: ServerConfig,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             max_queue: 4,
+            config: ServerConfig::default(),
             reply_timeout: Duration::from_secs(20),
             models: vec![(
                 "tiny-sd15".into(),
@@ -39,6 +42,8 @@ impl Default for Options {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The engine's metrics.
+    pub metrics: std::sync::Arc<stepstream::metrics::Metrics>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -68,11 +73,27 @@ impl Drop for TestServer {
     }
 }
 
+/// A client connected to a server at `addr`.
+pub async fn connect(addr: SocketAddr) -> DiffusionClient<Channel> {
+    DiffusionClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+/// A plaintext client for `addr` that connects on first use.
+pub fn connect_lazy(addr: SocketAddr) -> DiffusionClient<Channel> {
+    DiffusionClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy(),
+    )
+}
+
 /// Starts a server with `opts` on an ephemeral loopback port.
 pub async fn start(opts: Options) -> TestServer {
     let limits = Limits {
         default_reply_timeout: opts.reply_timeout,
-        ..Limits::default()
+        ..opts.config.limits.clone()
     };
     let engine = Engine::start(EngineConfig {
         device: Device::Cpu,
@@ -87,24 +108,22 @@ pub async fn start(opts: Options) -> TestServer {
     .expect("engine starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = engine.metrics().clone();
+    let config = ServerConfig {
+        limits,
+        ..opts.config
+    };
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        server::serve(
-            engine,
-            ServerConfig {
-                limits,
-                ..ServerConfig::default()
-            },
-            listener,
-            async {
-                let _ = rx.await;
-            },
-        )
+        server::serve(engine, config, listener, async {
+            let _ = rx.await;
+        })
         .await
         .expect("server runs");
     });
     TestServer {
         addr,
+        metrics,
         shutdown: Some(tx),
     }
 }

@@ -66,7 +66,7 @@ impl Session {
         loop {
             match self.expect().await {
                 Kind::Completed(c) => return c,
-                Kind::StepEnd(_) | Kind::Accepted(_) => {}
+                Kind::StepEnd(_) | Kind::Accepted(_) | Kind::Queued(_) => {}
                 other => panic!("unexpected event {other:?}"),
             }
         }
