@@ -518,6 +518,7 @@ fn tight_limits() -> Limits {
     Limits {
         max_steps: 8,
         max_side: 128,
+        max_pixels: 96 * 96,
         max_images: 2,
         max_prompt_bytes: 16,
         max_tensor_bytes: 256,

@@ -207,9 +207,9 @@ pub fn validate_control(
                     state.batch
                 };
                 let (cd, td) = (cur.dims(), t.dims());
-                if td.len() != cd.len() || td[1..] != cd[1..] {
+                if td.is_empty() || td.len() != cd.len() || td.get(1..) != cd.get(1..) {
                     let mut want = vec!["batch".to_string()];
-                    want.extend(cd[1..].iter().map(|d| d.to_string()));
+                    want.extend(cd.iter().skip(1).map(|d| d.to_string()));
                     return Err(Rejection::new(
                         field,
                         format!("shape {td:?} must be [{}]", want.join(", ")),
@@ -228,14 +228,15 @@ pub fn validate_control(
                     .get("prompt_embeds")
                     .ok_or_else(|| Rejection::new(&field, "not available"))?;
                 let pd = pe.dims();
+                let (seq, width) = (
+                    pd.get(1).copied().unwrap_or(0),
+                    pd.get(2).copied().unwrap_or(0),
+                );
                 let td = t.dims();
-                if td != [state.batch, pd[1], pd[2]] {
+                if td != [state.batch, seq, width] {
                     return Err(Rejection::new(
                         field,
-                        format!(
-                            "shape {td:?} must be [{}, {}, {}]",
-                            state.batch, pd[1], pd[2]
-                        ),
+                        format!("shape {td:?} must be [{}, {}, {}]", state.batch, seq, width),
                     ));
                 }
             }
@@ -255,7 +256,7 @@ pub fn validate_control(
             continue;
         }
         if let Some(cur) = state.tensors.get(*name) {
-            let have = cur.dims()[0];
+            let have = cur.dims().first().copied().unwrap_or(0);
             if have != want_batch {
                 let field = if allowed.iter().any(|a| a == name) {
                     "guidance_scale".to_string()
