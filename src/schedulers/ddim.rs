@@ -124,17 +124,6 @@ impl super::Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        if step_index >= self.timesteps.len() {
-            return Err(common::step_out_of_range(step_index, self.timesteps.len()));
-        }
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -54,10 +54,20 @@ pub trait Scheduler: Send {
     fn name(&self) -> &'static str;
     /// The timesteps, in loop order, exactly as diffusers' `scheduler.timesteps` holds them.
     fn timesteps(&self) -> &[f64];
-    /// diffusers' `init_noise_sigma`: the factor the initial latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' `scale_model_input` for the given step.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// diffusers' `init_noise_sigma`: the factor the initial latents are multiplied by
+    /// (1 unless the sampler works in sigma space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' `scale_model_input` for the given step (the identity unless the sampler works
+    /// in sigma space); an out-of-range step is an error.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        let n = self.timesteps().len();
+        if step_index >= n {
+            return Err(common::step_out_of_range(step_index, n));
+        }
+        Ok(sample.clone())
+    }
     /// diffusers' `step(model_output, timesteps[step_index], sample).prev_sample`.
     fn step(
         &mut self,
