@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 pub use tokio_stream::Stream;
@@ -321,30 +321,10 @@ fn endpoint_url(url: &str) -> String {
 /// Decodes a wire tensor into an f32 CPU tensor (non-finite values pass: they are the
 /// server's, and the client should see them).
 fn decode(name: &str, t: &proto::Tensor) -> Result<Tensor, ClientError> {
-    let err = |reason: String| ClientError::Tensor {
+    crate::tensor::decode_lenient(t, usize::MAX).map_err(|e| ClientError::Tensor {
         name: name.into(),
-        reason,
-    };
-    let dims = crate::tensor::check_header(t, usize::MAX).map_err(|e| err(e.to_string()))?;
-    let (dtype, _, _) = crate::tensor::wire_dtype(t.dtype).map_err(|e| err(e.to_string()))?;
-    let values: Vec<f32> = match dtype {
-        proto::DType::DtypeF16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        proto::DType::DtypeBf16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => t
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    };
-    Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| err(e.to_string()))
+        reason: e.to_string(),
+    })
 }
 
 fn step_state(

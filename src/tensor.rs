@@ -100,8 +100,11 @@ pub fn check_header(t: &proto::Tensor, max_bytes: usize) -> Result<Vec<usize>, T
     Ok(dims)
 }
 
-/// Decodes a wire tensor into an f32 candle tensor on the CPU, refusing non-finite values.
-pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError> {
+/// The header-checked dims and the f32 values of a wire tensor.
+fn decode_values(
+    t: &proto::Tensor,
+    max_bytes: usize,
+) -> Result<(Vec<usize>, Vec<f32>), TensorError> {
     let dims = check_header(t, max_bytes)?;
     let (dtype, _, _) = wire_dtype(t.dtype)?;
     let values: Vec<f32> = match dtype {
@@ -122,9 +125,21 @@ pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError
             .collect(),
         proto::DType::DtypeUnspecified => unreachable!("rejected by wire_dtype"),
     };
+    Ok((dims, values))
+}
+
+/// Decodes a wire tensor into an f32 candle tensor on the CPU, refusing non-finite values.
+pub fn decode(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError> {
+    let (dims, values) = decode_values(t, max_bytes)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(TensorError::NonFinite(i));
     }
+    Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| TensorError::Candle(e.to_string()))
+}
+
+/// Like [`decode`] but keeps non-finite values (a client reading what the server computed).
+pub fn decode_lenient(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, TensorError> {
+    let (dims, values) = decode_values(t, max_bytes)?;
     Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| TensorError::Candle(e.to_string()))
 }
 
