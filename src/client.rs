@@ -621,6 +621,7 @@ impl Stream for Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn cutoff_step_is_pythons_int_of_the_product() {
