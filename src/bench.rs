@@ -226,3 +226,116 @@ pub fn json_line(rows: &[BenchRow]) -> String {
         .collect();
     serde_json::json!({ "callback_overhead": items }).to_string()
 }
+
+/// Median time of `f` over `runs` runs after `warmup` runs, synchronising `device` around each.
+fn time_ms(
+    device: &candle_core::Device,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<(), BenchError>,
+) -> Result<f64, BenchError> {
+    let sync = || {
+        device
+            .synchronize()
+            .map_err(|e| BenchError::Setup(e.to_string()))
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    sync()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        sync()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// Component timings of a loaded model on its device (medians, ms): one UNet forward at batch 2
+/// (CFG), one VAE decode, one text-encoder pass, and a whole `steps`-step generation with decode.
+pub fn components(
+    model: &crate::models::pipeline_model::StableDiffusionModel,
+    size: usize,
+    steps: usize,
+    runs: usize,
+) -> Result<Vec<(String, f64)>, BenchError> {
+    use candle_core::{DType, Tensor};
+    let err = |e: candle_core::Error| BenchError::Setup(e.to_string());
+    let dev = &model.device;
+    let vsf = model.vae_scale_factor();
+    let (h, w) = (size / vsf, size / vsf);
+    let c = model.unet_in_channels();
+    let sample = Tensor::randn(0f32, 1.0, (2, c, h, w), dev)
+        .and_then(|t| t.to_dtype(model.dtype))
+        .map_err(err)?;
+    let width = model.text_encoder_hidden_size();
+    let embeds = Tensor::randn(0f32, 1.0, (2, 77, width), dev)
+        .and_then(|t| t.to_dtype(model.dtype))
+        .map_err(err)?;
+    let mut rows = Vec::new();
+    let unet = time_ms(dev, 3, runs, || {
+        model
+            .unet
+            .forward(&sample, 500.0, &embeds, None)
+            .map(|_| ())
+            .map_err(|e| BenchError::Setup(e.to_string()))
+    })?;
+    rows.push((format!("UNet forward, batch 2, {size}x{size}"), unet));
+    tracing::info!(ms = unet, "UNet forward timed");
+    let vae_dtype = if model.vae_config.force_upcast {
+        DType::F32
+    } else {
+        model.dtype
+    };
+    let latents = Tensor::randn(0f32, 1.0, (1, c, h, w), dev)
+        .and_then(|t| t.to_dtype(vae_dtype))
+        .map_err(err)?;
+    let vae = time_ms(dev, 2, runs, || {
+        model
+            .vae
+            .decode(&latents)
+            .map(|_| ())
+            .map_err(|e| BenchError::Setup(e.to_string()))
+    })?;
+    rows.push((format!("VAE decode, 1x{c}x{h}x{w}"), vae));
+    tracing::info!(ms = vae, "VAE decode timed");
+    let ids = Tensor::from_vec(vec![0u32; 77], (1, 77), dev).map_err(err)?;
+    let text = time_ms(dev, 3, runs, || {
+        model
+            .text_encoder
+            .forward(&ids)
+            .map(|_| ())
+            .map_err(|e| BenchError::Setup(e.to_string()))
+    })?;
+    rows.push(("text encoder, batch 1".into(), text));
+    let params = crate::pipeline::sd::GenerateParams {
+        prompt: "a photo of an astronaut riding a horse on mars".into(),
+        negative_prompt: None,
+        prompt_embeds: None,
+        negative_prompt_embeds: None,
+        num_inference_steps: steps,
+        guidance_scale: 7.5,
+        guidance_rescale: 0.0,
+        width: size,
+        height: size,
+        seed: 1,
+        scheduler: "ddim".into(),
+        num_images_per_prompt: 1,
+        latents: None,
+        eta: 0.0,
+        decode: true,
+    };
+    let whole = time_ms(dev, 1, runs.div_ceil(5).max(2), || {
+        crate::pipeline::sd::prepare(model, &params)
+            .and_then(|p| p.run(&mut crate::pipeline::NoCallback))
+            .map(|_| ())
+            .map_err(|e| BenchError::Setup(e.to_string()))
+    })?;
+    rows.push((
+        format!("whole generation, {steps} DDIM steps with CFG, decode + PNG"),
+        whole,
+    ));
+    Ok(rows)
+}

@@ -53,6 +53,13 @@ struct BenchArgs {
     /// Image side in pixels (0: the model's native size).
     #[arg(long, default_value_t = 0)]
     size: u32,
+    /// Use a real-sized architecture with zero weights instead of --model (`sd15`).
+    #[arg(long)]
+    random_weights: Option<String>,
+    /// Time the model's components (UNet, VAE, text encoder, a whole generation) directly,
+    /// instead of the callback modes over gRPC.
+    #[arg(long)]
+    components: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -302,10 +309,42 @@ async fn serve(args: ServeArgs) -> Result<()> {
 async fn bench(args: BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let model = match &args.model {
-        Some(m) => hub::resolve(m).with_context(|| format!("--model {m}"))?,
-        None => (embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source()),
+    let model = match (&args.random_weights, &args.model) {
+        (Some(arch), _) => (
+            format!("random-{arch}"),
+            stepstream::models::synthetic::source(arch)?,
+        ),
+        (None, Some(m)) => hub::resolve(m).with_context(|| format!("--model {m}"))?,
+        (None, None) => (embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source()),
     };
+    if args.components {
+        let loaded = stepstream::models::pipeline_model::StableDiffusionModel::load(
+            model.0.clone(),
+            &model.1,
+            &device,
+            dtype,
+        )?;
+        let size = if args.size == 0 {
+            loaded.defaults.width as usize
+        } else {
+            args.size as usize
+        };
+        let rows = stepstream::bench::components(&loaded, size, args.steps as usize, args.runs)?;
+        println!(
+            "model {}, {} {}, {size}x{size}, medians of {} runs:",
+            model.0, args.device, args.dtype, args.runs
+        );
+        println!("| component | ms |\n|---|---|");
+        for (what, ms) in &rows {
+            println!("| {what} | {ms:.2} |");
+        }
+        let json: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect();
+        println!("{}", serde_json::json!({ "components": json }));
+        return Ok(());
+    }
     let limits = Limits::default();
     let config = EngineConfig {
         device,

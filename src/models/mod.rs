@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod hub;
 pub mod pipeline_model;
 pub mod source;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

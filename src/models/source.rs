@@ -22,6 +22,14 @@ const WEIGHT_FILES: &[&str] = &[
 pub enum ModelSource {
     /// A folder on disk (a local diffusers folder or a resolved hub snapshot).
     Dir(PathBuf),
+    /// Configs made in memory with all-zero weights of the shapes they imply: for benchmarks
+    /// of real-sized architectures without downloading weights.
+    Synthetic {
+        /// A name for messages.
+        name: String,
+        /// The config and tokenizer files: `(relative path, bytes)`.
+        files: std::sync::Arc<Vec<(String, Vec<u8>)>>,
+    },
     /// Files compiled into the binary: `(relative path, bytes)`.
     Embedded {
         /// A name for messages.
@@ -37,6 +45,7 @@ impl ModelSource {
         match self {
             ModelSource::Dir(p) => p.display().to_string(),
             ModelSource::Embedded { name, .. } => format!("embedded:{name}"),
+            ModelSource::Synthetic { name, .. } => format!("synthetic:{name}"),
         }
     }
 
@@ -45,6 +54,9 @@ impl ModelSource {
         match self {
             ModelSource::Dir(p) => p.join(rel).is_file(),
             ModelSource::Embedded { files, .. } => files.iter().any(|(n, _)| *n == rel),
+            ModelSource::Synthetic { files, .. } => {
+                files.iter().any(|(n, _)| n == rel) || is_weight_file(rel)
+            }
         }
     }
 
@@ -74,6 +86,11 @@ impl ModelSource {
                 .iter()
                 .find(|(n, _)| *n == rel)
                 .map(|(_, b)| Cow::Borrowed(*b))
+                .ok_or_else(|| self.missing(rel)),
+            ModelSource::Synthetic { files, .. } => files
+                .iter()
+                .find(|(n, _)| n == rel)
+                .map(|(_, b)| Cow::Owned(b.clone()))
                 .ok_or_else(|| self.missing(rel)),
         }
     }
@@ -124,6 +141,12 @@ impl ModelSource {
                     .ok_or_else(|| self.missing(&rel))?;
                 Ok(VarBuilder::from_slice_safetensors(bytes, dtype, device)?)
             }
+            // Every weight is created on first use, zero-filled, with the shape the model asks for.
+            ModelSource::Synthetic { .. } => Ok(VarBuilder::from_varmap(
+                &candle_nn::VarMap::new(),
+                dtype,
+                device,
+            )),
         }
     }
 
@@ -131,7 +154,11 @@ impl ModelSource {
     pub fn dir(&self) -> Option<&Path> {
         match self {
             ModelSource::Dir(p) => Some(p),
-            ModelSource::Embedded { .. } => None,
+            ModelSource::Embedded { .. } | ModelSource::Synthetic { .. } => None,
         }
     }
+}
+
+fn is_weight_file(rel: &str) -> bool {
+    WEIGHT_FILES.iter().any(|f| rel.ends_with(f))
 }
