@@ -261,7 +261,7 @@ pub fn components(
     steps: usize,
     runs: usize,
 ) -> Result<Vec<(String, f64)>, BenchError> {
-    use candle_core::{DType, Tensor};
+    use candle_core::Tensor;
     let err = |e: candle_core::Error| BenchError::Setup(e.to_string());
     let dev = &model.device;
     let vsf = model.vae_scale_factor();
@@ -284,11 +284,7 @@ pub fn components(
     })?;
     rows.push((format!("UNet forward, batch 2, {size}x{size}"), unet));
     tracing::info!(ms = unet, "UNet forward timed");
-    let vae_dtype = if model.vae_config.force_upcast {
-        DType::F32
-    } else {
-        model.dtype
-    };
+    let vae_dtype = model.vae_dtype;
     let latents = Tensor::randn(0f32, 1.0, (1, c, h, w), dev)
         .and_then(|t| t.to_dtype(vae_dtype))
         .map_err(err)?;

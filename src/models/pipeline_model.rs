@@ -93,6 +93,8 @@ pub struct StableDiffusionModel {
     pub vae: AutoencoderKl,
     /// The VAE's config (scaling factor, upcast).
     pub vae_config: VaeConfig,
+    /// The dtype the VAE runs in.
+    pub vae_dtype: DType,
     /// The model's own scheduler config.
     pub scheduler_config: SchedulerConfig,
     /// What requests fall back to.
@@ -196,12 +198,7 @@ impl StableDiffusionModel {
         let unet =
             UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
         let vae_config = VaeConfig::load(source, "vae")?;
-        // The VAE decodes in f32 when its config asks for it (SDXL's overflows in f16).
-        let vae_dtype = if vae_config.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = vae_dtype_for(family, &vae_config, dtype);
         let vae = AutoencoderKl::new(source.var_builder("vae", vae_dtype, device)?, &vae_config)?;
 
         let vae_scale = vae_scale_factor(&vae_config);
@@ -230,6 +227,7 @@ impl StableDiffusionModel {
             text_config,
             encoder_2,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+            vae_dtype,
             unet,
             unet_config,
             vae,
@@ -295,6 +293,18 @@ impl StableDiffusionModel {
     }
 }
 
+/// The dtype the VAE decodes in. Like diffusers, only the SDXL pipeline upcasts a half-precision
+/// VAE to f32 when its config sets `force_upcast` (SDXL's VAE overflows in f16); SD 1.x/2.x
+/// decode in the model's dtype.
+pub fn vae_dtype_for(family: Family, vae: &VaeConfig, dtype: DType) -> DType {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    if family == Family::Sdxl && vae.force_upcast && half {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// diffusers' `vae_scale_factor = 2 ** (len(block_out_channels) - 1)`.
 fn vae_scale_factor(cfg: &VaeConfig) -> usize {
     1usize << cfg.block_out_channels.len().saturating_sub(1)
@@ -317,6 +327,16 @@ fn legacy_scheduler_fixups(id: &str, mut cfg: SchedulerConfig) -> SchedulerConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_sdxl_upcasts_a_half_precision_vae() {
+        let json = br#"{"force_upcast": true, "block_out_channels": [8, 8]}"#;
+        let cfg: VaeConfig = serde_json::from_slice(json).unwrap();
+        assert_eq!(vae_dtype_for(Family::Sdxl, &cfg, DType::F16), DType::F32);
+        assert_eq!(vae_dtype_for(Family::Sdxl, &cfg, DType::F32), DType::F32);
+        assert_eq!(vae_dtype_for(Family::Sd1, &cfg, DType::F16), DType::F16);
+        assert_eq!(vae_dtype_for(Family::Sd2, &cfg, DType::BF16), DType::BF16);
+    }
 
     #[test]
     fn outdated_scheduler_configs_are_fixed_like_diffusers() {

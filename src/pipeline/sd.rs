@@ -618,11 +618,7 @@ pub fn decode_to_unit(
     model: &StableDiffusionModel,
     latents: &Tensor,
 ) -> Result<Tensor, PipelineError> {
-    let vae_dtype = if model.vae_config.force_upcast {
-        DType::F32
-    } else {
-        model.dtype
-    };
+    let vae_dtype = model.vae_dtype;
     let mut z = (latents / model.vae_config.scaling_factor)?;
     if let Some(shift) = model.vae_config.shift_factor {
         z = (z + shift)?;
