@@ -426,6 +426,20 @@ pub fn step_out_of_range(step_index: usize, len: usize) -> SchedulerError {
     ))
 }
 
+/// `(sigma_i, sigma_{i+1})` of a sigma schedule with `num_timesteps` steps (plus the final sigma).
+pub fn sigma_pair(sigmas: &[f32], num_timesteps: usize, step_index: usize) -> Result<(f32, f32)> {
+    if step_index >= num_timesteps || step_index + 1 >= sigmas.len() {
+        return Err(step_out_of_range(step_index, num_timesteps));
+    }
+    Ok((sigmas[step_index], sigmas[step_index + 1]))
+}
+
+/// The sigma samplers' `scale_model_input`: `x / sqrt(sigma² + 1)`, in f32, back in x's dtype.
+pub fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let scaled = div_scalar(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())?;
+    Ok(scaled.to_dtype(sample.dtype())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

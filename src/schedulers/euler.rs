@@ -113,12 +113,8 @@ impl EulerDiscreteScheduler {
         &self.alphas_cumprod
     }
 
-    /// `(sigma_i, sigma_{i+1})` for a step.
     fn sigma_pair(&self, step_index: usize) -> Result<(f32, f32)> {
-        if step_index >= self.timesteps.len() || step_index + 1 >= self.sigmas.len() {
-            return Err(common::step_out_of_range(step_index, self.timesteps.len()));
-        }
-        Ok((self.sigmas[step_index], self.sigmas[step_index + 1]))
+        common::sigma_pair(&self.sigmas, self.timesteps.len(), step_index)
     }
 }
 
@@ -137,8 +133,7 @@ impl super::Scheduler for EulerDiscreteScheduler {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let (sigma, _) = self.sigma_pair(step_index)?;
-        let scaled = div_scalar(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())?;
-        Ok(scaled.to_dtype(sample.dtype())?)
+        common::scale_by_sigma(sample, sigma)
     }
 
     fn step(
