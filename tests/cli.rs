@@ -1,43 +1,16 @@
 //! The README's commands, run as a user would: `stepstream serve` on the embedded model, then
 //! `stepstream generate` with a remote CFG cutoff writing a PNG.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
 
-struct Server(Child);
+use std::process::{Command, Stdio};
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(args: &[&str]) -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .arg("serve")
-        .args(["--addr", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("stepstream listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (Server(child), addr)
-}
+use common::process::spawn_serve;
 
 #[test]
 fn serve_then_generate_with_a_cfg_cutoff_writes_a_png() {
-    let (_server, addr) = serve(&[]);
+    let server = spawn_serve(Vec::<&str>::new());
+    let addr = server.addr.clone();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let status = Command::new(env!("CARGO_BIN_EXE_stepstream"))
@@ -60,8 +33,8 @@ fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/models/tiny-sd15"
     );
-    let (_server, addr) = serve(&["--model", folder]);
-    assert!(addr.starts_with("127.0.0.1:"));
+    let server = spawn_serve(["--model", folder]);
+    assert!(server.addr.starts_with("127.0.0.1:"));
 
     let empty = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))

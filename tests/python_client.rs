@@ -7,19 +7,13 @@
 //! cargo's target dir and is reused; the package is reinstalled whenever its sources or the proto
 //! change. A missing Python fails this test: it never passes without running the suite.
 
+mod common;
+
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::process::spawn_serve;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -126,31 +120,12 @@ fn venv_python() -> PathBuf {
     python
 }
 
-fn serve() -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-        .arg(repo().join("tests/fixtures/models/tiny-sd15"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn stepstream serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("stepstream listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (Server(child), addr)
-}
-
 #[test]
 fn python_client_suite_passes_against_the_server() {
     let python = venv_python();
-    let (_server, addr) = serve();
+    let model = repo().join("tests/fixtures/models/tiny-sd15");
+    let server = spawn_serve([std::ffi::OsStr::new("--model"), model.as_os_str()]);
+    let addr = server.addr.clone();
     let out = Command::new(&python)
         .args(["-m", "pytest", "clients/python/tests", "-q", "-rs", "-s"])
         .args(["-p", "no:cacheprovider"])

@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::server::{self, Options};
@@ -214,24 +214,8 @@ async fn metrics_are_served_as_prometheus_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_ends_open_streams_with_unavailable_and_exits() {
     let drain_ms = 500;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["serve", "--addr", "127.0.0.1:0"])
-        .args(["--drain-timeout-ms", &drain_ms.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("stepstream listening on ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut server = common::process::spawn_serve(["--drain-timeout-ms", &drain_ms.to_string()]);
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
     let mut c = server::connect(addr).await;
     let mut s = Session::start(
         &mut c,
@@ -249,7 +233,7 @@ async fn sigterm_drains_then_ends_open_streams_with_unavailable_and_exits() {
     }
     let t0 = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -264,7 +248,7 @@ async fn sigterm_drains_then_ends_open_streams_with_unavailable_and_exits() {
     // The process exits within the drain bound plus the transport's grace.
     let deadline = Instant::now() + Duration::from_secs(15);
     let exit = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = server.child.try_wait().unwrap() {
             break st;
         }
         assert!(Instant::now() < deadline, "the server did not exit");
