@@ -279,7 +279,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
         models,
         max_queue: args.max_queue,
         default_reply_timeout: limits.default_reply_timeout,
-        max_reply_timeout: limits.max_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })
     .await
@@ -352,7 +351,6 @@ async fn bench(args: BenchArgs) -> Result<()> {
         models: vec![model.clone()],
         max_queue: 4,
         default_reply_timeout: limits.default_reply_timeout,
-        max_reply_timeout: limits.max_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     };
     let opts = stepstream::bench::BenchOptions {

@@ -156,8 +156,6 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Reply deadline when a request sets none.
     pub default_reply_timeout: Duration,
-    /// The longest reply deadline a request may ask for.
-    pub max_reply_timeout: Duration,
     /// The largest tensor a client may send, in bytes.
     pub max_tensor_bytes: usize,
 }
@@ -240,7 +238,6 @@ pub struct Engine {
     admission: Arc<slot::Admission>,
     metrics: Arc<Metrics>,
     models: Arc<Vec<proto::ModelInfo>>,
-    config: Arc<EngineConfig>,
 }
 
 impl Engine {
@@ -268,18 +265,12 @@ impl Engine {
             admission: slot::Admission::new(config.max_queue, metrics.clone()),
             metrics,
             models: Arc::new(models),
-            config: Arc::new(config),
         })
     }
 
     /// The served models; the first is the default.
     pub fn models(&self) -> &[proto::ModelInfo] {
         &self.models
-    }
-
-    /// The engine's configuration.
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
     }
 
     /// Finds a model by id ("" = the default).
@@ -301,11 +292,6 @@ impl Engine {
     /// draining); returns it with the number of generations ahead of it.
     pub fn admit(&self) -> Result<(Arc<Slot>, usize), EngineError> {
         self.admission.admit()
-    }
-
-    /// Number of free slots (running + waiting) right now.
-    pub fn free_slots(&self) -> usize {
-        self.admission.free()
     }
 
     /// Generations running or waiting right now.

@@ -130,6 +130,7 @@ impl Admission {
     }
 
     /// Free slots right now.
+    #[cfg(test)]
     pub(crate) fn free(&self) -> usize {
         self.slots.available_permits()
     }

@@ -101,7 +101,6 @@ pub async fn start(opts: Options) -> TestServer {
         models: opts.models,
         max_queue: opts.max_queue,
         default_reply_timeout: limits.default_reply_timeout,
-        max_reply_timeout: limits.max_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })
     .await
