@@ -15,19 +15,6 @@ use stepstream::models::unet::{UNet2DConditionModel, UNetConfig};
 use stepstream::models::ModelSource;
 use stepstream::proto::{self, server_message::Kind};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     edit(&mut v);
@@ -49,7 +36,7 @@ fn save_random(varmap: &VarMap, path: &Path, seed: u64) {
 /// A tiny SD 2.x-architecture model: OpenCLIP-style exact-GELU text encoder, `!` padding,
 /// linear transformer projections, per-block head counts, v-prediction.
 fn make_sd2(dir: &Path) {
-    copy_dir(&common::model_dir("tiny-sd15"), dir);
+    common::copy_dir(&common::model_dir("tiny-sd15"), dir);
     edit_json(&dir.join("text_encoder/config.json"), |v| {
         v["hidden_act"] = "gelu".into();
     });
@@ -85,7 +72,7 @@ fn make_sd2(dir: &Path) {
 /// A Turbo-style model: the tiny SD 1.5 weights with a distilled model's scheduler config
 /// (Euler-ancestral, trailing spacing, as SDXL-Turbo ships it).
 fn make_turbo(dir: &Path) {
-    copy_dir(&common::model_dir("tiny-sd15"), dir);
+    common::copy_dir(&common::model_dir("tiny-sd15"), dir);
     edit_json(&dir.join("scheduler/scheduler_config.json"), |v| {
         v["_class_name"] = "EulerAncestralDiscreteScheduler".into();
         v["timestep_spacing"] = "trailing".into();

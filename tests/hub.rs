@@ -10,19 +10,6 @@ use stepstream::models::hub::{self, HubId};
 use stepstream::models::pipeline_model::StableDiffusionModel;
 use stepstream::models::ModelSource;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 /// Lays out `HF_HOME/hub/models--org--name/{refs/main, snapshots/<commit>/...}` like hf-hub.
 fn fake_cache(home: &Path, repo: &str, commit: &str) {
     let folder = home
@@ -30,7 +17,7 @@ fn fake_cache(home: &Path, repo: &str, commit: &str) {
         .join(format!("models--{}", repo.replace('/', "--")));
     std::fs::create_dir_all(folder.join("refs")).unwrap();
     std::fs::write(folder.join("refs/main"), commit).unwrap();
-    copy_dir(
+    common::copy_dir(
         &common::model_dir("tiny-sd15"),
         &folder.join("snapshots").join(commit),
     );

@@ -17,6 +17,20 @@ pub fn model_dir(model: &str) -> PathBuf {
     fixtures().join("models").join(model)
 }
 
+/// Copies a folder tree (for tests that lay out or modify a model folder).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
 /// One recorded diffusers run: its JSON description and all its tensors.
 pub struct Case {
     /// The case's JSON (see the golden README, "How to read a case").
