@@ -115,16 +115,16 @@ pub async fn serve(
         .set_serving::<DiffusionServer<DiffusionService>>()
         .await;
     let (reflection_v1, reflection_v1alpha) = if config.reflection {
-        let v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        // Our contract and health's, served by both reflection versions.
+        let builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_error =
+            |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+        let v1 = builder().build_v1().map_err(reflection_error)?;
+        let v1alpha = builder().build_v1alpha().map_err(reflection_error)?;
         (Some(v1), Some(v1alpha))
     } else {
         (None, None)
