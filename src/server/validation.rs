@@ -50,6 +50,17 @@ fn invalid(field: &str, reason: impl Into<String>) -> EngineError {
     }
 }
 
+/// `value` (in `unit`) must not exceed `limit`.
+fn at_most(field: &str, value: u64, limit: u64, unit: &str) -> Result<(), EngineError> {
+    if value > limit {
+        return Err(invalid(
+            field,
+            format!("{value}{unit} exceeds the limit of {limit}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A random u64 from the OS-seeded hasher keys (for unset seeds and request ids).
 pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -82,27 +93,10 @@ pub fn validate(
     model: &proto::ModelInfo,
     limits: &Limits,
 ) -> Result<Validated, EngineError> {
-    if req.prompt.len() > limits.max_prompt_bytes {
-        return Err(invalid(
-            "prompt",
-            format!(
-                "{} bytes exceeds the limit of {}",
-                req.prompt.len(),
-                limits.max_prompt_bytes
-            ),
-        ));
-    }
+    let prompt_bytes = limits.max_prompt_bytes as u64;
+    at_most("prompt", req.prompt.len() as u64, prompt_bytes, " bytes")?;
     if let Some(n) = &req.negative_prompt {
-        if n.len() > limits.max_prompt_bytes {
-            return Err(invalid(
-                "negative_prompt",
-                format!(
-                    "{} bytes exceeds the limit of {}",
-                    n.len(),
-                    limits.max_prompt_bytes
-                ),
-            ));
-        }
+        at_most("negative_prompt", n.len() as u64, prompt_bytes, " bytes")?;
     }
     // Headers only here (cheap, no allocation); the worker decodes the data.
     for (field, t) in [
@@ -138,12 +132,12 @@ pub fn validate(
     } else {
         req.num_inference_steps
     };
-    if steps > limits.max_steps {
-        return Err(invalid(
-            "num_inference_steps",
-            format!("{steps} exceeds the limit of {}", limits.max_steps),
-        ));
-    }
+    at_most(
+        "num_inference_steps",
+        steps.into(),
+        limits.max_steps.into(),
+        "",
+    )?;
     let guidance = req.guidance_scale.unwrap_or(model.default_guidance_scale);
     if !guidance.is_finite() {
         return Err(invalid("guidance_scale", "must be finite"));
@@ -165,12 +159,7 @@ pub fn validate(
                 format!("{v} must be a positive multiple of 8"),
             ));
         }
-        if v > limits.max_side {
-            return Err(invalid(
-                name,
-                format!("{v} exceeds the limit of {}", limits.max_side),
-            ));
-        }
+        at_most(name, v.into(), limits.max_side.into(), "")?;
     }
     if width as u64 * height as u64 > limits.max_pixels {
         return Err(invalid(
@@ -183,12 +172,12 @@ pub fn validate(
         ));
     }
     let images = req.num_images_per_prompt.max(1);
-    if images > limits.max_images {
-        return Err(invalid(
-            "num_images_per_prompt",
-            format!("{images} exceeds the limit of {}", limits.max_images),
-        ));
-    }
+    at_most(
+        "num_images_per_prompt",
+        images.into(),
+        limits.max_images.into(),
+        "",
+    )?;
     if !req.scheduler.is_empty() && !model.schedulers.contains(&req.scheduler) {
         return Err(invalid(
             "scheduler",
