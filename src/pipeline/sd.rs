@@ -85,7 +85,6 @@ pub struct GenerationOutput {
 pub struct Prepared<'m> {
     model: &'m StableDiffusionModel,
     scheduler: Box<dyn Scheduler>,
-    scheduler_name: &'static str,
     noise: Box<dyn NoiseSource + Send>,
     latents: Tensor,
     prompt_embeds: Tensor,
@@ -216,23 +215,11 @@ pub fn prepare<'m>(
         ));
     }
     let n_img = params.num_images_per_prompt.max(1);
+    // An unknown name fails in `build` with the list of valid names.
     let scheduler_name = if params.scheduler.is_empty() {
         model.defaults.scheduler
     } else {
-        schedulers::SCHEDULER_NAMES
-            .iter()
-            .copied()
-            .find(|n| *n == params.scheduler)
-            .ok_or_else(|| {
-                invalid(
-                    "scheduler",
-                    format!(
-                        "unknown scheduler `{}`; valid names: {}",
-                        params.scheduler,
-                        schedulers::SCHEDULER_NAMES.join(", ")
-                    ),
-                )
-            })?
+        params.scheduler.as_str()
     };
     let scheduler = schedulers::build(
         scheduler_name,
@@ -381,7 +368,6 @@ pub fn prepare<'m>(
     Ok(Prepared {
         model,
         scheduler,
-        scheduler_name,
         noise: Box::new(noise),
         latents,
         prompt_embeds,
@@ -410,7 +396,7 @@ impl Prepared<'_> {
 
     /// The name of the scheduler in use.
     pub fn scheduler_name(&self) -> &'static str {
-        self.scheduler_name
+        self.scheduler.name()
     }
 
     /// The callback tensors as they stand before step 0 (names, shapes).
