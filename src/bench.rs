@@ -307,21 +307,14 @@ pub fn components(
     })?;
     rows.push(("text encoder, batch 1".into(), text));
     let params = crate::pipeline::sd::GenerateParams {
-        prompt: "a photo of an astronaut riding a horse on mars".into(),
-        negative_prompt: None,
-        prompt_embeds: None,
-        negative_prompt_embeds: None,
-        num_inference_steps: steps,
-        guidance_scale: 7.5,
-        guidance_rescale: 0.0,
-        width: size,
-        height: size,
         seed: 1,
         scheduler: "ddim".into(),
-        num_images_per_prompt: 1,
-        latents: None,
-        eta: 0.0,
-        decode: true,
+        ..crate::pipeline::sd::GenerateParams::text(
+            "a photo of an astronaut riding a horse on mars",
+            steps,
+            size,
+            size,
+        )
     };
     let whole = time_ms(dev, 1, runs.div_ceil(5).max(2), || {
         crate::pipeline::sd::prepare(model, &params)

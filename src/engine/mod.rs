@@ -437,23 +437,7 @@ fn worker(
 
 fn warm_up(m: &StableDiffusionModel) -> Result<(), PipelineError> {
     let vsf = m.vae_scale_factor();
-    let params = GenerateParams {
-        prompt: String::new(),
-        negative_prompt: None,
-        prompt_embeds: None,
-        negative_prompt_embeds: None,
-        num_inference_steps: 1,
-        guidance_scale: 7.5,
-        guidance_rescale: 0.0,
-        width: vsf * 8,
-        height: vsf * 8,
-        seed: 0,
-        scheduler: String::new(),
-        num_images_per_prompt: 1,
-        latents: None,
-        eta: 0.0,
-        decode: true,
-    };
+    let params = GenerateParams::text("", 1, vsf * 8, vsf * 8);
     sd::prepare(m, &params)?.run(&mut NoCallback)?;
     Ok(())
 }

@@ -44,6 +44,30 @@ pub struct GenerateParams {
     pub decode: bool,
 }
 
+impl GenerateParams {
+    /// A text-to-image request with diffusers' defaults for everything but the prompt, steps and
+    /// size: guidance 7.5, the model's scheduler, one image, seed 0, decoded to PNG.
+    pub fn text(prompt: &str, num_inference_steps: usize, width: usize, height: usize) -> Self {
+        Self {
+            prompt: prompt.to_string(),
+            negative_prompt: None,
+            prompt_embeds: None,
+            negative_prompt_embeds: None,
+            num_inference_steps,
+            guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            width,
+            height,
+            seed: 0,
+            scheduler: String::new(),
+            num_images_per_prompt: 1,
+            latents: None,
+            eta: 0.0,
+            decode: true,
+        }
+    }
+}
+
 /// Timings of one generation, in milliseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
