@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod client;
+pub mod devmem;
 pub mod engine;
+pub mod kernels;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;

@@ -11,7 +11,9 @@ mod config;
 mod layers;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
+
+use crate::kernels::GroupNorm;
 
 pub use config::{OneOrMany, TransformerLayers, UNetConfig};
 
@@ -241,7 +243,7 @@ impl UNet2DConditionModel {
             };
             hs = block.forward(&hs, &emb, &ctx, &mut skips, upsample_size)?;
         }
-        let hs = self.conv_norm_out.forward(&hs)?.silu()?;
+        let hs = self.conv_norm_out.forward_silu(&hs)?;
         Ok(self.conv_out.forward(&hs)?)
     }
 }

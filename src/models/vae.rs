@@ -4,16 +4,15 @@
 //! `quant_conv` are not loaded.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::kernels::GroupNorm;
 use serde::Deserialize;
 
 use super::{ModelError, ModelSource, Result};
 
 /// GroupNorm epsilon used throughout diffusers' VAE decoder.
 const NORM_EPS: f64 = 1e-6;
-
-/// Largest number of query rows the mid-block attention handles at once (bounds the score matrix).
-const ATTN_QUERY_CHUNK: usize = 4096;
 
 /// `vae/config.json` (diffusers `AutoencoderKL`); missing keys take diffusers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -199,7 +198,7 @@ fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> candle_core::Result<Con
 }
 
 fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, NORM_EPS, vb)
+    GroupNorm::load(vb, groups, channels, NORM_EPS)
 }
 
 /// diffusers `ResnetBlock2D` without a time embedding (`resnet_time_scale_shift = "default"`).
@@ -229,8 +228,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -274,23 +273,11 @@ impl SpatialAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let kt = k.t()?.contiguous()?;
-        let n = h * w;
-        let mut outs = Vec::with_capacity(n.div_ceil(ATTN_QUERY_CHUNK));
-        let mut start = 0;
-        while start < n {
-            let len = ATTN_QUERY_CHUNK.min(n - start);
-            let qc = q.narrow(1, start, len)?;
-            let scores = (qc.matmul(&kt)? * self.scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&v)?);
-            start += len;
-        }
-        let attn = if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 1)?
-        };
+        // One head: (b, 1, n, c) for the shared attention kernel.
+        let heads = |t: Tensor| t.unsqueeze(1);
+        let attn =
+            crate::kernels::attention(&heads(q)?, &heads(k)?, &heads(v)?, self.scale, false)?
+                .squeeze(1)?;
         let out = self
             .to_out
             .forward(&attn)?
@@ -418,7 +405,7 @@ impl AutoencoderKl {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

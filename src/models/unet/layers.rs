@@ -1,8 +1,10 @@
 //! The UNet's building layers, written to follow diffusers' modules operation by operation
 //! (`Timesteps`, `TimestepEmbedding`, `ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`, `Upsample2D`).
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_core::{Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+
+use crate::kernels::GroupNorm;
 
 use crate::models::Result;
 
@@ -76,7 +78,7 @@ pub(crate) fn group_norm(
     channels: usize,
     eps: f64,
 ) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(groups, channels, eps, vb)?)
+    Ok(GroupNorm::load(vb, groups, channels, eps)?)
 }
 
 fn conv(
@@ -139,14 +141,14 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -209,15 +211,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(ctx)?)?;
         let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let dtype = q.dtype();
-        let (q, k) = if self.upcast && dtype != DType::F32 {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?;
+        let out = crate::kernels::attention(&q, &k, &v, self.scale, self.upcast)?;
         let out = out
             .transpose(1, 2)?
             .contiguous()?

@@ -1,0 +1,103 @@
+//! Peak memory of a compute device, for the bench's memory figures.
+//!
+//! On CUDA, candle allocates from the device's default stream-ordered memory pool
+//! (`cuMemAllocAsync`); the pool's used-memory high-water mark is the peak of live tensor memory,
+//! the figure comparable with torch's `max_memory_allocated`. On the CPU the figure is the
+//! process's peak resident set (`VmHWM`), which cannot be reset.
+
+use candle_core::Device;
+
+/// Where a peak-memory figure comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeakSource {
+    /// The CUDA default memory pool's used-memory high-water mark (resettable).
+    CudaPool,
+    /// The process's peak resident set size (since the process started).
+    ProcessRss,
+}
+
+/// Peak memory in bytes on `device` since the last [`reset_peak`] (CUDA) or since the process
+/// started (CPU), with where it comes from; `None` where it cannot be read.
+pub fn peak_bytes(device: &Device) -> Option<(u64, PeakSource)> {
+    match device {
+        Device::Cpu => process_peak_rss().map(|b| (b, PeakSource::ProcessRss)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::pool_attribute(dev, cuda::USED_HIGH, None)
+            .ok()
+            .map(|b| (b, PeakSource::CudaPool)),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Starts a new peak-memory window on `device` (a no-op on the CPU).
+pub fn reset_peak(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        // Synchronise first so frees queued on the stream are counted before the reset.
+        let _ = device.synchronize();
+        let _ = cuda::pool_attribute(dev, cuda::USED_HIGH, Some(0));
+    }
+    let _ = device;
+}
+
+/// The process's peak resident set size in bytes (Linux `VmHWM`).
+fn process_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    pub(super) const USED_HIGH: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    /// Reads (or, with `set`, writes) a `u64` attribute of the device's default memory pool.
+    pub(super) fn pool_attribute(
+        dev: &CudaDevice,
+        attr: sys::CUmemPool_attribute,
+        set: Option<u64>,
+    ) -> Result<u64, sys::CUresult> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().map_err(|e| e.0)?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver queries on a live context; `pool` and `value` outlive the calls.
+        unsafe {
+            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(r);
+            }
+            let mut value = set.unwrap_or(0);
+            let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+            let r = match set {
+                Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr),
+                None => sys::cuMemPoolGetAttribute(pool, attr, ptr),
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(r);
+            }
+            Ok(value)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_reports_the_process_peak_resident_set() {
+        let (bytes, source) = peak_bytes(&Device::Cpu).expect("VmHWM readable on Linux");
+        assert_eq!(source, PeakSource::ProcessRss);
+        assert!(
+            bytes > 1 << 20,
+            "a running test process uses over 1 MiB: {bytes}"
+        );
+    }
+}

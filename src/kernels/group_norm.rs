@@ -1,0 +1,87 @@
+//! GroupNorm over `(batch, channels, ...)` tensors, optionally followed by SiLU.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// diffusers' `nn.GroupNorm` (affine) with the statistics in f32 whatever the input dtype.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` (`channels` each) from `vb`.
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// `GroupNorm(x)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// `SiLU(GroupNorm(x))`, one pass over `x` on the fused path.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::fused() {
+            if let Some(out) =
+                super::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?
+            {
+                return Ok(out);
+            }
+        }
+        let out = self.reference(x)?;
+        if silu {
+            out.silu()
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// The candle-op composition: per-group mean and biased variance in f32, normalise, back to
+    /// the input dtype, then the per-channel affine.
+    pub(crate) fn reference(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        if dims.len() < 3 {
+            candle_core::bail!("GroupNorm needs (batch, channels, ...), got {dims:?}");
+        }
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "GroupNorm: {c} channels, weights for {}",
+                self.weight.dim(0)?
+            );
+        }
+        let per_group = x.elem_count() / (b * self.groups);
+        let dtype = x.dtype();
+        let xs = x
+            .reshape((b, self.groups, per_group))?
+            .to_dtype(DType::F32)?;
+        let mean = (xs.sum_keepdim(2)? / per_group as f64)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / per_group as f64)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut affine_shape = vec![1; dims.len()];
+        affine_shape[1] = c;
+        normed
+            .to_dtype(dtype)?
+            .reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(affine_shape.clone())?)?
+            .broadcast_add(&self.bias.reshape(affine_shape)?)
+    }
+}

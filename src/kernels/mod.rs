@@ -1,0 +1,75 @@
+//! The model's hot operations with two implementations each: fused CUDA kernels (attention
+//! without a materialised score matrix; GroupNorm with an optional SiLU in one pass) and the
+//! reference composition of candle ops, which is what runs on the CPU and what the fused
+//! kernels are checked against.
+//!
+//! Which one runs is a process-wide switch ([`set_mode`]), so a bench can time both in one run;
+//! the fused path only ever applies where a kernel exists (CUDA, supported dtype and shape) and
+//! falls back to the reference everywhere else.
+
+mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod group_norm;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+pub use attention::attention;
+pub use group_norm::GroupNorm;
+
+/// Which implementation of the hot operations runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelMode {
+    /// Fused CUDA kernels where they apply (the default).
+    Fused,
+    /// The candle-op composition everywhere (the reference).
+    Reference,
+}
+
+impl KernelMode {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelMode::Fused => "fused",
+            KernelMode::Reference => "reference",
+        }
+    }
+}
+
+impl std::str::FromStr for KernelMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fused" => Ok(KernelMode::Fused),
+            "reference" => Ok(KernelMode::Reference),
+            _ => Err(format!("unknown kernel mode `{s}`: use fused or reference")),
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the implementation for every later call, process-wide.
+pub fn set_mode(mode: KernelMode) {
+    MODE.store(
+        match mode {
+            KernelMode::Fused => 0,
+            KernelMode::Reference => 1,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// The implementation in use.
+pub fn mode() -> KernelMode {
+    match MODE.load(Ordering::Relaxed) {
+        0 => KernelMode::Fused,
+        _ => KernelMode::Reference,
+    }
+}
+
+/// Whether the fused kernels are wanted (they still apply only on CUDA).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn fused() -> bool {
+    mode() == KernelMode::Fused
+}
