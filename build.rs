@@ -1,5 +1,6 @@
 //! Compiles `proto/` with protox (pure Rust, no system protoc) into tonic/prost code and writes the
-//! encoded descriptor set that server reflection serves.
+//! encoded descriptor set that server reflection serves. With the `cuda` feature it also compiles
+//! `kernels/fused.cu` to PTX with nvcc (the one `../shared/gpu/cuda-env.sh` puts on PATH).
 
 use std::path::PathBuf;
 
@@ -18,5 +19,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
+
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_kernels(&out_dir)?;
+    }
+    Ok(())
+}
+
+/// `kernels/fused.cu` -> `$OUT_DIR/fused.ptx` (sm_80 PTX: tensor-core WMMA for f16 and bf16; the
+/// driver JIT-compiles it for newer cards such as sm_90).
+fn compile_kernels(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let source = "kernels/fused.cu";
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let ptx = out_dir.join("fused.ptx");
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-arch=sm_80", "-O3", "-std=c++17", "-o"])
+        .arg(&ptx)
+        .arg(source)
+        .status()
+        .map_err(|e| {
+            format!("cannot run `{nvcc}` ({e}): source ../shared/gpu/cuda-env.sh first")
+        })?;
+    if !status.success() {
+        return Err(format!("`{nvcc}` failed on {source} ({status})").into());
+    }
     Ok(())
 }

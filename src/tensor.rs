@@ -143,47 +143,102 @@ pub fn decode_lenient(t: &proto::Tensor, max_bytes: usize) -> Result<Tensor, Ten
     Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| TensorError::Candle(e.to_string()))
 }
 
-/// Flattens `t` as `dtype` and writes each element's little-endian bytes.
-fn le_bytes<T: candle_core::WithDType, const N: usize>(
-    t: &Tensor,
-    dtype: DType,
-    to_le: fn(T) -> [u8; N],
-) -> Result<Vec<u8>, TensorError> {
-    let v = t
-        .to_dtype(dtype)
-        .and_then(|x| x.flatten_all())
-        .and_then(|x| x.to_vec1::<T>())
-        .map_err(|e| TensorError::Candle(e.to_string()))?;
-    let mut bytes = Vec::with_capacity(v.len() * N);
-    for x in v {
-        bytes.extend_from_slice(&to_le(x));
+/// The candle dtype a wire dtype is staged in on the device (`Unspecified` means F32).
+fn staging_dtype(wire: proto::DType) -> (proto::DType, DType) {
+    match wire {
+        proto::DType::DtypeF16 => (wire, DType::F16),
+        proto::DType::DtypeBf16 => (wire, DType::BF16),
+        proto::DType::DtypeF32 | proto::DType::DtypeUnspecified => {
+            (proto::DType::DtypeF32, DType::F32)
+        }
     }
-    Ok(bytes)
+}
+
+/// Little-endian bytes of a flat host buffer (a straight copy on little-endian machines).
+fn le_bytes<T: bytemuck::Pod, const N: usize>(values: &[T], to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|&x| to_le(x)).collect()
+    }
+}
+
+/// Copies a flat tensor already in `dtype` to the host and returns its little-endian bytes.
+fn host_bytes(flat: &Tensor, dtype: DType) -> Result<Vec<u8>, TensorError> {
+    let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
+    Ok(match dtype {
+        DType::F16 => le_bytes(
+            &flat.to_vec1::<half::f16>().map_err(err)?,
+            half::f16::to_le_bytes,
+        ),
+        DType::BF16 => le_bytes(
+            &flat.to_vec1::<half::bf16>().map_err(err)?,
+            half::bf16::to_le_bytes,
+        ),
+        _ => le_bytes(&flat.to_vec1::<f32>().map_err(err)?, f32::to_le_bytes),
+    })
+}
+
+fn wire_tensor(dims: &[usize], wire: proto::DType, data: Vec<u8>) -> proto::Tensor {
+    proto::Tensor {
+        dtype: wire as i32,
+        shape: dims.iter().map(|&d| d as i64).collect(),
+        data,
+    }
 }
 
 /// Encodes a candle tensor (any float dtype, any device) as a wire tensor in `wire` dtype
 /// (`Unspecified` means F32).
 pub fn encode(t: &Tensor, wire: proto::DType) -> Result<proto::Tensor, TensorError> {
-    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
-    let (wire, data) = match wire {
-        proto::DType::DtypeF16 => (
-            wire,
-            le_bytes::<half::f16, 2>(t, DType::F16, half::f16::to_le_bytes)?,
-        ),
-        proto::DType::DtypeBf16 => (
-            wire,
-            le_bytes::<half::bf16, 2>(t, DType::BF16, half::bf16::to_le_bytes)?,
-        ),
-        proto::DType::DtypeF32 | proto::DType::DtypeUnspecified => (
-            proto::DType::DtypeF32,
-            le_bytes::<f32, 4>(t, DType::F32, f32::to_le_bytes)?,
-        ),
-    };
-    Ok(proto::Tensor {
-        dtype: wire as i32,
-        shape,
-        data,
-    })
+    let mut out = encode_all(&[t], wire)?;
+    Ok(out.remove(0))
+}
+
+/// Encodes several tensors of one device in `wire` dtype with a single device-to-host transfer:
+/// each is converted and flattened on its device, a GPU concatenates them into one buffer, and
+/// the host splits the bytes (one synchronisation per callback however many tensors it carries).
+pub fn encode_all(
+    tensors: &[&Tensor],
+    wire: proto::DType,
+) -> Result<Vec<proto::Tensor>, TensorError> {
+    let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
+    let (wire, dtype) = staging_dtype(wire);
+    let flat: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.to_dtype(dtype).and_then(|x| x.flatten_all()))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let on_cpu = tensors.iter().all(|t| t.device().is_cpu());
+    if on_cpu || flat.len() < 2 {
+        return flat
+            .iter()
+            .zip(tensors)
+            .map(|(f, t)| Ok(wire_tensor(t.dims(), wire, host_bytes(f, dtype)?)))
+            .collect();
+    }
+    encode_joined(tensors, &flat, wire, dtype)
+}
+
+/// The one-transfer path of [`encode_all`]: concatenate the flattened tensors, copy once, split.
+fn encode_joined(
+    tensors: &[&Tensor],
+    flat: &[Tensor],
+    wire: proto::DType,
+    dtype: DType,
+) -> Result<Vec<proto::Tensor>, TensorError> {
+    let err = |e: candle_core::Error| TensorError::Candle(e.to_string());
+    let joined = host_bytes(&Tensor::cat(flat, 0).map_err(err)?, dtype)?;
+    let size = dtype.size_in_bytes();
+    let mut offset = 0;
+    Ok(tensors
+        .iter()
+        .map(|t| {
+            let len = t.elem_count() * size;
+            let data = joined[offset..offset + len].to_vec();
+            offset += len;
+            wire_tensor(t.dims(), wire, data)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -195,6 +250,26 @@ mod tests {
             dtype: dtype as i32,
             shape,
             data,
+        }
+    }
+
+    #[test]
+    fn one_joined_transfer_splits_back_into_each_tensor() {
+        let a = Tensor::new(&[[1.5f32, -2.0], [0.25, 3.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[7.0f32, 8.0, 9.0], &Device::Cpu).unwrap();
+        for wire in [
+            proto::DType::DtypeF32,
+            proto::DType::DtypeF16,
+            proto::DType::DtypeBf16,
+        ] {
+            let (wire, dtype) = staging_dtype(wire);
+            let flat: Vec<Tensor> = [&a, &b]
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap().flatten_all().unwrap())
+                .collect();
+            let joined = encode_joined(&[&a, &b], &flat, wire, dtype).unwrap();
+            let single = vec![encode(&a, wire).unwrap(), encode(&b, wire).unwrap()];
+            assert_eq!(joined, single, "{wire:?}");
         }
     }
 

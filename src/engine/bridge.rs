@@ -246,14 +246,17 @@ impl StepCallback for SessionCallback<'_> {
     }
 
     fn on_step_end(&mut self, state: &StepState<'_>) -> Result<StepControl, CallbackError> {
-        let mut tensors = std::collections::HashMap::new();
-        for name in &self.sub.tensor_inputs {
-            if let Some(t) = state.tensors.get(name) {
-                let w = crate::tensor::encode(t, self.sub.wire_dtype)
-                    .map_err(|e| CallbackError::Protocol(e.to_string()))?;
-                tensors.insert(name.clone(), w);
-            }
-        }
+        // Only the subscribed tensors leave the device, in one transfer.
+        let (names, subscribed): (Vec<&String>, Vec<&candle_core::Tensor>) = self
+            .sub
+            .tensor_inputs
+            .iter()
+            .filter_map(|name| state.tensors.get(name).map(|t| (name, t)))
+            .unzip();
+        let encoded = crate::tensor::encode_all(&subscribed, self.sub.wire_dtype)
+            .map_err(|e| CallbackError::Protocol(e.to_string()))?;
+        let tensors: std::collections::HashMap<String, proto::Tensor> =
+            names.into_iter().cloned().zip(encoded).collect();
         self.send(Kind::StepEnd(proto::StepEnd {
             step_index: state.step_index as u32,
             timestep: state.timestep,

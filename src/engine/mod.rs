@@ -362,6 +362,21 @@ fn worker(
     ready: oneshot::Sender<Result<Vec<proto::ModelInfo>, ModelError>>,
     metrics: Arc<Metrics>,
 ) {
+    // Check the fused kernels before any model uses them; one that disagrees with the f32
+    // reference is switched off (logged) and the reference ops run instead.
+    match crate::kernels::verify(&config.device, config.dtype) {
+        Ok(checks) if !checks.is_empty() => {
+            let applied = checks.iter().filter(|c| c.applied).count();
+            let failed = checks.iter().filter(|c| !c.passed()).count();
+            tracing::info!(
+                applied,
+                failed,
+                "fused kernels checked against the f32 reference"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "fused kernel check could not run"),
+    }
     let mut models = Vec::new();
     for (id, source) in &config.models {
         let t0 = Instant::now();

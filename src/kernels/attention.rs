@@ -6,20 +6,37 @@ use candle_core::{DType, Result, Tensor};
 /// sequences are processed in row chunks so memory stays bounded (same numbers per row).
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
-/// `softmax(q kᵀ · scale) v` for `q: (b, h, n, d)`, `k, v: (b, h, m, d)`; with `upcast` the
-/// scores and softmax are computed in f32 whatever the input dtype (diffusers' `upcast_attention`
-/// and `upcast_softmax`). Returns `(b, h, n, d)` in the input dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
+/// Multi-head `softmax(q kᵀ · scale) v` on token-major tensors: `q: (b, n, heads·d)`,
+/// `k, v: (b, m, heads·d)` (what the projections produce), returning `(b, n, heads·d)` in the
+/// input dtype. With `upcast` the scores and softmax are f32 whatever the input dtype (diffusers'
+/// `upcast_attention` / `upcast_softmax`); the fused kernel always works in f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fused() {
-        if let Some(out) = super::cuda::attention(q, k, v, scale)? {
+        if let Some(out) = super::cuda::attention(q, k, v, heads, scale)? {
             return Ok(out);
         }
     }
-    reference(q, k, v, scale, upcast)
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, width) = t.dims3()?;
+        t.reshape((b, n, heads, width / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (b, n, width) = q.dims3()?;
+    let out = reference(&split(q)?, &split(k)?, &split(v)?, scale, upcast)?;
+    out.transpose(1, 2)?.contiguous()?.reshape((b, n, width))
 }
 
-/// The candle-op composition: scores, softmax, weighted sum (query rows chunked when large).
+/// The candle-op composition on `(b, heads, n, d)` tensors: scores, softmax, weighted sum (query
+/// rows chunked when large).
 pub(crate) fn reference(
     q: &Tensor,
     k: &Tensor,

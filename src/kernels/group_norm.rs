@@ -15,12 +15,30 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` (`channels` each) from `vb`.
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
+        if groups == 0 || channels % groups != 0 {
             candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
         }
         Ok(Self {
             weight: vb.get(channels, "weight")?,
             bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// A GroupNorm from its parts (`weight`, `bias`: one value per channel).
+    pub fn from_parts(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dim(0)?;
+        if groups == 0 || channels % groups != 0 || bias.dims() != weight.dims() {
+            candle_core::bail!(
+                "GroupNorm: {groups} groups, weight {:?}, bias {:?}",
+                weight.dims(),
+                bias.dims()
+            );
+        }
+        Ok(Self {
+            weight,
+            bias,
             groups,
             eps,
         })
@@ -51,6 +69,12 @@ impl GroupNorm {
         } else {
             Ok(out)
         }
+    }
+
+    /// The fused CUDA kernel's result where it applies.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        super::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)
     }
 
     /// The candle-op composition: per-group mean and biased variance in f32, normalise, back to

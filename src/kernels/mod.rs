@@ -8,6 +8,7 @@
 //! falls back to the reference everywhere else.
 
 mod attention;
+mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
@@ -15,6 +16,7 @@ mod group_norm;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use attention::attention;
+pub use check::{check, verify, KernelCheck};
 pub use group_norm::GroupNorm;
 
 /// Which implementation of the hot operations runs.
@@ -72,4 +74,23 @@ pub fn mode() -> KernelMode {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn fused() -> bool {
     mode() == KernelMode::Fused
+}
+
+/// A fused kernel, for checks and switching off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedKernel {
+    /// Flash-style attention.
+    Attention,
+    /// GroupNorm with optional SiLU.
+    GroupNorm,
+}
+
+impl FusedKernel {
+    /// Short name for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedKernel::Attention => "attention",
+            FusedKernel::GroupNorm => "group_norm",
+        }
+    }
 }

@@ -273,11 +273,8 @@ impl SpatialAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        // One head: (b, 1, n, c) for the shared attention kernel.
-        let heads = |t: Tensor| t.unsqueeze(1);
-        let attn =
-            crate::kernels::attention(&heads(q)?, &heads(k)?, &heads(v)?, self.scale, false)?
-                .squeeze(1)?;
+        // One head as wide as the channels.
+        let attn = crate::kernels::attention(&q, &k, &v, 1, self.scale, false)?;
         let out = self
             .to_out
             .forward(&attn)?

@@ -490,8 +490,15 @@ impl Prepared<'_> {
             self.latents = self
                 .scheduler
                 .step(&eps, i, &self.latents, self.noise.as_mut())?;
+            let wanted = callback.wants(i);
+            if wanted && !model.device.is_cpu() {
+                // The one device synchronisation of a step with a callback: the step's kernels
+                // finish here, so the step time is the device's and the callback time is the
+                // callback's. Steps without a callback stay asynchronous.
+                model.device.synchronize()?;
+            }
             callback.step_finished(step_start.elapsed().as_secs_f64() * 1e3);
-            if callback.wants(i) {
+            if wanted {
                 let tensors = self.callback_tensors();
                 let state = StepState {
                     step_index: i,

@@ -170,7 +170,6 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
     scale: f64,
     upcast: bool,
 }
@@ -191,31 +190,17 @@ impl Attention {
             to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
-            head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
         })
     }
 
-    /// `(b, n, inner)` -> `(b, heads, n, head_dim)`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let (b, n, _) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let out = crate::kernels::attention(&q, &k, &v, self.scale, self.upcast)?;
-        let out = out
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, n, self.heads * self.head_dim))?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let out = crate::kernels::attention(&q, &k, &v, self.heads, self.scale, self.upcast)?;
         Ok(self.to_out.forward(&out)?)
     }
 }

@@ -1,0 +1,245 @@
+//! Checks of the fused kernels against the f32 reference on fresh random inputs: run by the bench
+//! (which reports the errors) and at engine start on CUDA, where a kernel that fails is switched
+//! off for the process rather than trusted.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::FusedKernel;
+
+/// One comparison of a fused kernel with the f32 reference.
+#[derive(Clone, Debug)]
+pub struct KernelCheck {
+    /// Which kernel.
+    pub kernel: FusedKernel,
+    /// The case, e.g. `q 2x8x4096x40, kv 2x8x77x40` or `2x320x64x64 / 32 groups + silu`.
+    pub case: String,
+    /// The input and output dtype of the kernel.
+    pub dtype: DType,
+    /// Whether the fused kernel ran (false: no kernel applies here, nothing was compared).
+    pub applied: bool,
+    /// `‖fused − reference‖₂ / ‖reference‖₂`.
+    pub rel_l2: f64,
+    /// Largest `|fused − reference|` over the largest `|reference|`.
+    pub rel_max: f64,
+    /// The bound `rel_l2` must stay under for this dtype.
+    pub tolerance: f64,
+}
+
+impl KernelCheck {
+    /// Whether the kernel matched (or did not apply).
+    pub fn passed(&self) -> bool {
+        !self.applied || self.rel_l2 <= self.tolerance
+    }
+}
+
+/// Relative L2 bound per dtype: a few units of the dtype's rounding error, since inputs are exact
+/// in the dtype and only the kernel's roundings (probabilities, outputs) differ from f32.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 4e-3,
+        DType::BF16 => 3e-2,
+        _ => 1e-5,
+    }
+}
+
+/// Attention cases: the UNet's self- and cross-attention shapes at SD 1.5 and SDXL widths, and
+/// ragged sizes that exercise partial tiles.
+type AttentionCase = ((usize, usize, usize, usize), usize);
+const ATTENTION_CASES: &[AttentionCase] = &[
+    ((2, 8, 1024, 40), 1024),
+    ((2, 8, 1024, 40), 77),
+    ((2, 8, 256, 80), 256),
+    ((2, 10, 1024, 64), 1024),
+    ((1, 3, 100, 24), 37),
+    ((2, 4, 130, 128), 150),
+];
+
+/// GroupNorm cases: (shape, groups, silu).
+const GROUP_NORM_CASES: &[(&[usize], usize, bool)] = &[
+    (&[2, 320, 64, 64], 32, true),
+    (&[2, 1280, 8, 8], 32, false),
+    (&[1, 128, 128, 128], 32, true),
+    (&[2, 640, 1024], 32, false),
+    (&[1, 6, 5, 7], 3, true),
+];
+
+fn compare(got: &Tensor, want: &Tensor) -> Result<(f64, f64)> {
+    let got = got.to_dtype(DType::F64)?;
+    let want = want.to_dtype(DType::F64)?;
+    let diff = (&got - &want)?;
+    let norm = |t: &Tensor| -> Result<f64> { t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>() };
+    let rel_l2 = norm(&diff)? / norm(&want)?.max(f64::MIN_POSITIVE);
+    let max_diff = diff.abs()?.max_all()?.to_scalar::<f64>()?;
+    let max_ref = want.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok((rel_l2, max_diff / max_ref.max(f64::MIN_POSITIVE)))
+}
+
+/// Random normal tensor in `dtype` on `device`.
+fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)
+}
+
+/// Compares each fused kernel with the f32 reference on fresh random inputs on `device` in
+/// `dtype`; cases where no kernel applies come back with `applied: false`.
+pub fn check(device: &Device, dtype: DType) -> Result<Vec<KernelCheck>> {
+    let mut out = Vec::new();
+    for &((b, h, n, d), m) in ATTENTION_CASES {
+        let q = randn(&[b, n, h * d], dtype, device)?;
+        let k = randn(&[b, m, h * d], dtype, device)?;
+        let v = randn(&[b, m, h * d], dtype, device)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let fused = fused_attention(&q, &k, &v, h, scale)?;
+        let (applied, rel_l2, rel_max) = match fused {
+            Some(got) => {
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                let want = reference_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, h, scale)?;
+                let (l2, max) = compare(&got, &want)?;
+                (true, l2, max)
+            }
+            None => (false, 0.0, 0.0),
+        };
+        out.push(KernelCheck {
+            kernel: FusedKernel::Attention,
+            case: format!("{b}x{n} queries, {m} keys, {h} heads of {d}"),
+            dtype,
+            applied,
+            rel_l2,
+            rel_max,
+            tolerance: tolerance(dtype),
+        });
+    }
+    for &(shape, groups, silu) in GROUP_NORM_CASES {
+        let c = shape[1];
+        let x = (randn(shape, dtype, device)? * 3.0)?.affine(1.0, 0.5)?;
+        let weight = randn(&[c], dtype, device)?;
+        let bias = randn(&[c], dtype, device)?;
+        let norm = super::GroupNorm::from_parts(weight.clone(), bias.clone(), groups, 1e-5)?;
+        let fused = fused_group_norm(&norm, &x, silu)?;
+        let (applied, rel_l2, rel_max) = match fused {
+            Some(got) => {
+                let reference = super::GroupNorm::from_parts(
+                    weight.to_dtype(DType::F32)?,
+                    bias.to_dtype(DType::F32)?,
+                    groups,
+                    1e-5,
+                )?;
+                let mut want = reference.reference(&x.to_dtype(DType::F32)?)?;
+                if silu {
+                    want = want.silu()?;
+                }
+                let (l2, max) = compare(&got, &want)?;
+                (true, l2, max)
+            }
+            None => (false, 0.0, 0.0),
+        };
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        out.push(KernelCheck {
+            kernel: FusedKernel::GroupNorm,
+            case: format!(
+                "{} / {groups} groups{}",
+                dims.join("x"),
+                if silu { " + silu" } else { "" }
+            ),
+            dtype,
+            applied,
+            rel_l2,
+            rel_max,
+            tolerance: tolerance(dtype),
+        });
+    }
+    Ok(out)
+}
+
+/// The reference attention in f32 on token-major tensors, whatever the kernel mode.
+fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, width) = t.dims3()?;
+        t.reshape((b, n, heads, width / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (b, n, width) = q.dims3()?;
+    super::attention::reference(&split(q)?, &split(k)?, &split(v)?, scale, true)?
+        .transpose(1, 2)?
+        .reshape((b, n, width))
+}
+
+#[cfg(feature = "cuda")]
+fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    super::cuda::attention(q, k, v, heads, scale)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+fn fused_group_norm(norm: &super::GroupNorm, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+    norm.fused(x, silu)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_group_norm(_: &super::GroupNorm, _: &Tensor, _: bool) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+/// Runs [`check`] on `device` and switches off, for the rest of the process, every fused kernel
+/// with a failing case (logged as an error; the reference path then runs). Returns the checks.
+/// On the CPU there is nothing to verify and the result is empty.
+pub fn verify(device: &Device, dtype: DType) -> Result<Vec<KernelCheck>> {
+    if device.is_cpu() {
+        return Ok(Vec::new());
+    }
+    let checks = check(device, dtype)?;
+    for c in &checks {
+        if c.passed() {
+            tracing::debug!(kernel = c.kernel.name(), case = %c.case, rel_l2 = c.rel_l2, applied = c.applied, "fused kernel check");
+        } else {
+            tracing::error!(
+                kernel = c.kernel.name(),
+                case = %c.case,
+                rel_l2 = c.rel_l2,
+                tolerance = c.tolerance,
+                "fused kernel disagrees with the f32 reference; using the reference ops instead"
+            );
+            #[cfg(feature = "cuda")]
+            super::cuda::set_enabled(c.kernel, false);
+        }
+    }
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_the_cpu_no_fused_kernel_applies_and_every_case_passes() {
+        let checks = check(&Device::Cpu, DType::F32).unwrap();
+        assert_eq!(checks.len(), ATTENTION_CASES.len() + GROUP_NORM_CASES.len());
+        assert!(checks.iter().all(|c| !c.applied && c.passed()));
+        assert!(verify(&Device::Cpu, DType::F32).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_comparison_measures_relative_error() {
+        let want = Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap();
+        let got = Tensor::new(&[3f32, 4.5], &Device::Cpu).unwrap();
+        let (l2, max) = compare(&got, &want).unwrap();
+        assert!((l2 - 0.1).abs() < 1e-9, "{l2}");
+        assert!((max - 0.125).abs() < 1e-9, "{max}");
+    }
+}
