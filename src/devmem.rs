@@ -1,4 +1,4 @@
-//! Peak memory of a compute device, for the bench's memory figures.
+//! Device memory: peak figures for the bench, and the CUDA settings the server runs with.
 //!
 //! On CUDA, candle allocates from the device's default stream-ordered memory pool
 //! (`cuMemAllocAsync`); the pool's used-memory high-water mark is the peak of live tensor memory,
@@ -41,6 +41,40 @@ pub fn reset_peak(device: &Device) {
     let _ = device;
 }
 
+/// Prepares a freshly opened device for serving: on CUDA, no per-tensor event tracking and a
+/// memory pool that keeps freed memory. Call before creating any tensor on it.
+pub fn prepare(device: &Device) {
+    disable_event_tracking(device);
+    retain_pool_memory(device);
+}
+
+/// Turns off candle's per-tensor CUDA event tracking: every tensor of the server lives on the
+/// device's one stream, so the events (two per allocation, a wait and a record per kernel argument)
+/// order nothing and only cost launch time.
+fn disable_event_tracking(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        // SAFETY: the engine's worker thread is the only user of the device and uses its single
+        // stream for every allocation, kernel and copy, so stream order already orders them.
+        unsafe { dev.disable_event_tracking() };
+    }
+    let _ = device;
+}
+
+/// Makes the CUDA memory pool keep freed memory for reuse instead of returning it to the driver
+/// at every synchronisation (the pool's default release threshold is 0). Without this, each
+/// generation re-maps its working set, gigabytes for a VAE decode; torch's caching allocator keeps
+/// its memory the same way. A no-op on the CPU.
+fn retain_pool_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        if let Err(e) = cuda::pool_attribute(dev, cuda::RELEASE_THRESHOLD, Some(u64::MAX)) {
+            tracing::warn!(error = ?e, "cannot set the CUDA memory pool's release threshold");
+        }
+    }
+    let _ = device;
+}
+
 /// The process's peak resident set size in bytes (Linux `VmHWM`).
 fn process_peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -56,6 +90,8 @@ mod cuda {
 
     pub(super) const USED_HIGH: sys::CUmemPool_attribute =
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    pub(super) const RELEASE_THRESHOLD: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
 
     /// Reads (or, with `set`, writes) a `u64` attribute of the device's default memory pool.
     pub(super) fn pool_attribute(

@@ -210,26 +210,11 @@ fn parse_device(s: &str) -> Result<Device> {
         let device = Device::new_cuda(ordinal).with_context(|| {
             format!("cannot open `{s}` (is this a build with `--features cuda`?)")
         })?;
-        disable_event_tracking(&device);
+        stepstream::devmem::prepare(&device);
         return Ok(device);
     }
     bail!("unknown device `{s}`: use cpu or cuda:N")
 }
-
-/// Turns off candle's per-tensor CUDA event tracking: every tensor of the server lives on the
-/// device's one stream, so the events (two per allocation, a wait and a record per kernel argument)
-/// order nothing and only cost launch time.
-#[cfg(feature = "cuda")]
-fn disable_event_tracking(device: &Device) {
-    if let Device::Cuda(dev) = device {
-        // SAFETY: the engine's worker thread is the only user of the device and uses its single
-        // stream for every allocation, kernel and copy, so stream order already orders them.
-        unsafe { dev.disable_event_tracking() };
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn disable_event_tracking(_: &Device) {}
 
 fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s {

@@ -9,6 +9,7 @@
 
 mod attention;
 mod check;
+mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
@@ -17,14 +18,16 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use attention::attention;
 pub use check::{check, verify, KernelCheck};
+pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
 
 /// Which implementation of the hot operations runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelMode {
-    /// Fused CUDA kernels where they apply (the default).
+    /// Our fast paths where they apply (the default): fused CUDA kernels, pointwise convolutions
+    /// as one matrix product (every device).
     Fused,
-    /// The candle-op composition everywhere (the reference).
+    /// Plain candle ops everywhere (the reference).
     Reference,
 }
 
@@ -71,7 +74,6 @@ pub fn mode() -> KernelMode {
 }
 
 /// Whether the fused kernels are wanted (they still apply only on CUDA).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn fused() -> bool {
     mode() == KernelMode::Fused
 }

@@ -10,10 +10,10 @@ mod blocks;
 mod config;
 mod layers;
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::kernels::GroupNorm;
+use crate::kernels::{Conv2d, GroupNorm};
 
 pub use config::{OneOrMany, TransformerLayers, UNetConfig};
 

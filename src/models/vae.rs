@@ -4,9 +4,9 @@
 //! `quant_conv` are not loaded.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::GroupNorm;
+use crate::kernels::{Conv2d, GroupNorm};
 use serde::Deserialize;
 
 use super::{ModelError, ModelSource, Result};
@@ -186,15 +186,11 @@ impl VaeConfig {
 }
 
 fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_c, out_c, 3, cfg, vb)
+    Conv2d::load(vb, in_c, out_c, 3, 1, 1)
 }
 
 fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(in_c, out_c, 1, Conv2dConfig::default(), vb)
+    Conv2d::load(vb, in_c, out_c, 1, 1, 0)
 }
 
 fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {

@@ -2,9 +2,9 @@
 //! (`Timesteps`, `TimestepEmbedding`, `ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`, `Upsample2D`).
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use crate::kernels::GroupNorm;
+use crate::kernels::{Conv2d, GroupNorm};
 
 use crate::models::Result;
 
@@ -89,12 +89,7 @@ fn conv(
     stride: usize,
     pad: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: pad,
-        stride,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
+    Ok(Conv2d::load(vb, cin, cout, k, stride, pad)?)
 }
 
 /// A `kernel x kernel` convolution with "same" padding `(kernel - 1) / 2`.
