@@ -364,6 +364,9 @@ impl Client {
         };
         let channel = Channel::from_shared(url.clone())
             .map_err(|e| ClientError::Protocol(format!("bad address `{url}`: {e}")))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(crate::server::HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::server::HTTP2_CONNECTION_WINDOW))
             .connect()
             .await
             .map_err(connect)?;

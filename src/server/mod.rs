@@ -23,6 +23,10 @@ pub use auth::Tokens;
 pub use service::DiffusionService;
 pub use validation::Limits;
 
+/// HTTP/2 stream flow-control window the server grants (bytes).
+pub const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 connection flow-control window the server grants (bytes).
+pub const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
 /// PEM material for TLS.
 #[derive(Clone)]
 pub struct TlsFiles {
@@ -178,6 +182,10 @@ pub async fn serve(
 
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
+        // Flow-control windows that hold a whole callback tensor (an SDXL prompt_embeds pair is
+        // 1.2 MiB in f32), so a StepEnd or StepReply never stalls a round trip on WINDOW_UPDATE.
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
         .http2_keepalive_interval(config.http2_keepalive)
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = &config.tls {
