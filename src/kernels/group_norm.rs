@@ -15,7 +15,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` (`channels` each) from `vb`.
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
+        if groups == 0 || channels % groups != 0 {
             candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
         }
         Ok(Self {
