@@ -28,8 +28,9 @@ enum Command {
     Serve(ServeArgs),
     /// Generate one image through a running server (a client with a progress bar).
     Generate(GenerateArgs),
-    /// Measure what a remote callback costs: an in-process server on loopback, driven by a real
-    /// gRPC client, per callback mode (prints a table and a JSON line).
+    /// The performance report: component timings and peak memory, what each callback mode adds
+    /// (G2) and one callback round trip against a raw TCP echo (G3), through an in-process
+    /// server on loopback driven by a real gRPC client (Markdown tables, then one JSON line).
     Bench(BenchArgs),
 }
 
@@ -44,22 +45,42 @@ struct BenchArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "STEPSTREAM_DTYPE", default_value = "f32")]
     dtype: String,
-    /// Timed runs per mode (after one warm-up).
+    /// Timed runs per measurement (after warm-up).
     #[arg(long, default_value_t = 20)]
     runs: usize,
-    /// Denoising steps per generation.
+    /// Denoising steps of the G2 and whole-generation runs (G3: --g3-steps).
     #[arg(long, default_value_t = 10)]
     steps: u32,
-    /// Image side in pixels (0: the model's native size).
+    /// Image side in pixels for G2 and the components (0: the model's native size); G3 has
+    /// its own (--g3-size).
     #[arg(long, default_value_t = 0)]
     size: u32,
+    /// Denoising steps per G3 generation (each step is one round-trip sample).
+    #[arg(long, default_value_t = stepstream::bench::G3_STEPS)]
+    g3_steps: u32,
+    /// Image side of the G3 generations; 512 gives the SD-family 1x4x64x64 latents the goal
+    /// is stated for.
+    #[arg(long, default_value_t = stepstream::bench::G3_SIZE)]
+    g3_size: u32,
     /// Use a real-sized architecture with zero weights instead of --model (`sd15`).
     #[arg(long)]
     random_weights: Option<String>,
-    /// Time the model's components (UNet, VAE, text encoder, a whole generation) directly,
-    /// instead of the callback modes over gRPC.
+    /// Only the components and peak memory (the same as `--skip-g2 --skip-g3`).
     #[arg(long)]
     components: bool,
+    /// Kernel implementations to time the components under: fused, reference or both (in the
+    /// same run, for a same-run ratio). The CPU has only the reference: one run there.
+    #[arg(long, default_value = "both")]
+    kernels: stepstream::bench::KernelChoice,
+    /// Skip the component timings and peak memory.
+    #[arg(long)]
+    skip_components: bool,
+    /// Skip G2 (the callback modes' overhead in the denoising loop).
+    #[arg(long)]
+    skip_g2: bool,
+    /// Skip G3 (one callback round trip against a raw TCP echo).
+    #[arg(long)]
+    skip_g3: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -308,9 +329,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let model = match (&args.random_weights, &args.model) {
+    let sections = stepstream::bench::Sections {
+        components: !args.skip_components,
+        g2: !args.skip_g2 && !args.components,
+        g3: !args.skip_g3 && !args.components,
+    };
+    if !(sections.components || sections.g2 || sections.g3) {
+        bail!("every section is skipped: nothing to measure");
+    }
+    let (model_id, source) = match (&args.random_weights, &args.model) {
         (Some(arch), _) => (
             format!("random-{arch}"),
             stepstream::models::synthetic::source(arch)?,
@@ -318,64 +345,25 @@ async fn bench(args: BenchArgs) -> Result<()> {
         (None, Some(m)) => hub::resolve(m).with_context(|| format!("--model {m}"))?,
         (None, None) => (embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source()),
     };
-    if args.components {
-        let loaded = stepstream::models::pipeline_model::StableDiffusionModel::load(
-            model.0.clone(),
-            &model.1,
-            &device,
-            dtype,
-        )?;
-        let size = if args.size == 0 {
-            loaded.defaults.width as usize
-        } else {
-            args.size as usize
-        };
-        let rows = stepstream::bench::components(&loaded, size, args.steps as usize, args.runs)?;
-        println!(
-            "model {}, {} {}, {size}x{size}, medians of {} runs:",
-            model.0, args.device, args.dtype, args.runs
-        );
-        println!("| component | ms |\n|---|---|");
-        for (what, ms) in &rows {
-            println!("| {what} | {ms:.2} |");
-        }
-        let json: serde_json::Map<String, serde_json::Value> = rows
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
-            .collect();
-        println!("{}", serde_json::json!({ "components": json }));
-        return Ok(());
-    }
-    let limits = Limits::default();
-    let config = EngineConfig {
-        device,
-        dtype,
-        models: vec![model.clone()],
-        max_queue: 4,
-        default_reply_timeout: limits.default_reply_timeout,
-        max_tensor_bytes: limits.max_tensor_bytes,
-    };
-    let opts = stepstream::bench::BenchOptions {
-        runs: args.runs,
-        steps: args.steps,
-        size: args.size,
-    };
-    let rows = stepstream::bench::run(config, &opts).await?;
-    println!(
-        "model {}, {} steps, {} on {} {}, {} runs per mode (medians):",
-        model.0,
-        args.steps,
-        if args.size == 0 {
-            "native size".to_string()
-        } else {
-            format!("{0}x{0}", args.size)
+    let plan = stepstream::bench::BenchPlan {
+        model_id,
+        source,
+        device: parse_device(&args.device)?,
+        device_name: args.device.clone(),
+        dtype: parse_dtype(&args.dtype)?,
+        dtype_name: args.dtype.clone(),
+        opts: stepstream::bench::BenchOptions {
+            runs: args.runs,
+            steps: args.steps,
+            size: args.size,
+            g3_steps: args.g3_steps,
+            g3_size: args.g3_size,
         },
-        args.device,
-        args.dtype,
-        args.runs
-    );
-    print!("{}", stepstream::bench::table(&rows));
-    println!("{}", stepstream::bench::json_line(&rows));
+        kernels: args.kernels,
+        sections,
+    };
+    let report = stepstream::bench::run(plan, |section| print!("{section}")).await?;
+    println!("{}", report.json());
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! The README's commands, run as a user would: `stepstream serve` on the embedded model, then
-//! `stepstream generate` with a remote CFG cutoff writing a PNG.
+//! `stepstream generate` with a remote CFG cutoff writing a PNG; and `stepstream bench`'s report.
 
 mod common;
 
@@ -48,4 +48,114 @@ fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model_index.json"), "{err}");
+}
+
+/// Runs `stepstream bench` on the embedded model with `args`; returns its stdout and the parsed
+/// JSON of its last line.
+fn bench(args: &[&str]) -> (String, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    let json = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    (stdout, json)
+}
+
+#[test]
+fn bench_prints_every_section_then_one_json_line_with_every_key() {
+    // A small G3 size keeps this fast on the CPU; the default (512) gives 1x4x64x64 latents.
+    let (stdout, v) = bench(&[
+        "--runs",
+        "1",
+        "--steps",
+        "2",
+        "--g3-steps",
+        "2",
+        "--g3-size",
+        "64",
+    ]);
+    for heading in ["## Components", "## Peak memory", "## G2: ", "## G3: "] {
+        assert!(stdout.contains(heading), "no `{heading}` in:\n{stdout}");
+    }
+    assert_eq!(stdout.lines().filter(|l| l.starts_with('{')).count(), 1);
+    assert_eq!(v["model"], "tiny-sd15");
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["kernels"], serde_json::json!(["reference (cpu)"]));
+    assert_eq!(v["size"], 64);
+
+    let g3 = &v["g3"];
+    assert_eq!(g3["latents_shape"], serde_json::json!([1, 4, 8, 8]));
+    assert_eq!(g3["waits_per_run"], 2);
+    assert_eq!(g3["target_ratio"], 2.0);
+    let rows = g3["rows"].as_array().unwrap();
+    let wires: Vec<_> = rows
+        .iter()
+        .map(|r| (r["wire"].clone(), r["bytes"].clone()))
+        .collect();
+    assert_eq!(
+        wires,
+        [
+            (serde_json::json!("f32"), serde_json::json!(4 * 64 * 4)),
+            (serde_json::json!("f16"), serde_json::json!(4 * 64 * 2))
+        ]
+    );
+    for r in rows {
+        for key in ["round_trip_ms", "tcp_echo_ms", "ratio"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+        }
+        assert!(r["meets_target"].is_boolean());
+    }
+
+    let g2 = v["g2"].as_array().unwrap();
+    assert_eq!(g2.len(), 5);
+    assert_eq!(g2[0]["mode"], "no callback");
+    assert_eq!(g2[0]["overhead_denoise_pct"], 0.0);
+    for r in g2 {
+        for key in [
+            "wall_ms",
+            "denoise_ms",
+            "callback_wait_ms",
+            "overhead_denoise_pct",
+            "overhead_wall_pct",
+            "target_pct",
+            "meets_target",
+        ] {
+            assert!(r.get(key).is_some(), "{key} missing: {r}");
+        }
+    }
+    assert_eq!(g2[3]["target_pct"], 2.0);
+    assert_eq!(g2[4]["target_pct"], 4.0);
+
+    let components = v["components"].as_array().unwrap();
+    assert_eq!(components.len(), 4);
+    assert!(components.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0));
+    let peak = &v["peak_memory"];
+    assert_eq!(peak["source"], "process_rss");
+    assert!(peak["rows"][0]["bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+#[test]
+fn bench_components_alone_leaves_the_grpc_sections_null() {
+    let (stdout, v) = bench(&["--components", "--runs", "1", "--steps", "1"]);
+    assert!(
+        !stdout.contains("## G2") && !stdout.contains("## G3"),
+        "{stdout}"
+    );
+    assert!(v["g2"].is_null() && v["g3"].is_null());
+    assert_eq!(v["components"].as_array().unwrap().len(), 4);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .args(["bench", "--components", "--skip-components"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nothing to measure must fail");
 }
