@@ -1,29 +1,38 @@
-"""diffusers' side of `stepstream bench --components --random-weights sd15`: the same SD 1.5
-shapes with random weights, timed the same way (warm-up, then the median of synchronised runs).
+"""diffusers' side of `stepstream bench --random-weights sd15`: the same SD 1.5 shapes with random
+weights, timed the same way (warm-up, then the median of synchronised runs).
 
-    python bench/diffusers_bench.py --dtype f16 --size 512 --steps 30 --runs 10
+    python bench/diffusers_bench.py --dtype f16 --size 512 --steps 30 --runs 10            # GPU
+    python bench/diffusers_bench.py --device cpu --dtype f32 --size 256 --steps 10 --runs 3
 
-Needs torch with CUDA and diffusers (0.42.1 was used); prints a Markdown table and a JSON line.
+Needs torch and diffusers (0.42.1 was used); prints a Markdown table and a JSON line
+(`bench/compare.py` puts it beside ours). `--compile` also times the UNet under torch.compile.
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup, runs):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -34,10 +43,13 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
     ap.add_argument("--tokenizer", default="tests/fixtures/models/tiny-sd15/tokenizer")
     args = ap.parse_args()
     dtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    dev = "cuda"
+    dev = args.device
+    cuda = dev == "cuda"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=64, cross_attention_dim=768, attention_head_dim=8,
@@ -61,8 +73,11 @@ def main():
         sample = torch.randn(2, 4, h, h, device=dev, dtype=dtype)
         emb = torch.randn(2, 77, 768, device=dev, dtype=dtype)
         t = torch.tensor(500, device=dev)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         rows[f"UNet forward, batch 2, {args.size}x{args.size}"] = timed(
             lambda: unet(sample, t, encoder_hidden_states=emb), 3, args.runs)
+        unet_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         lat = torch.randn(1, 4, h, h, device=dev, dtype=dtype)
         rows[f"VAE decode, 1x4x{h}x{h}"] = timed(lambda: vae.decode(lat), 2, args.runs)
         ids = torch.zeros(1, 77, dtype=torch.long, device=dev)
@@ -74,19 +89,34 @@ def main():
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         rows[f"whole generation, {args.steps} DDIM steps with CFG, decode + PNG"] = timed(
             lambda: pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=args.steps,
                          guidance_scale=7.5, height=args.size, width=args.size,
                          output_type="pil").images[0].save("/tmp/diffusers-bench.png"),
             1, max(2, -(-args.runs // 5)))
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"diffusers, SD 1.5 shapes, random weights, cuda {args.dtype}, {args.size}x{args.size}, medians:")
+        if cuda:
+            peak, peak_source = torch.cuda.max_memory_allocated() / 2**30, "torch max_memory_allocated"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            peak_source = "process peak RSS"
+        if args.compile:
+            compiled = torch.compile(unet)
+            rows[f"UNet forward, batch 2, {args.size}x{args.size}, torch.compile"] = timed(
+                lambda: compiled(sample, t, encoder_hidden_states=emb), 3, args.runs)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, SD 1.5 shapes, random weights, "
+          f"{name} {args.dtype}, {args.size}x{args.size}, medians:")
     print("| component | ms |\n|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {v:.2f} |")
-    print(f"| peak GPU memory during the pipeline | {peak:.2f} GiB |")
-    print(json.dumps({"diffusers_components": rows, "peak_gib": peak}))
+    print(f"| peak memory during the pipeline ({peak_source}) | {peak:.2f} GiB |")
+    if unet_peak is not None:
+        print(f"| peak GPU memory, UNet forward batch 2 | {unet_peak:.2f} GiB |")
+    print(json.dumps({"diffusers_components": rows, "peak_gib": peak, "peak_source": peak_source,
+                      "unet_peak_gib": unet_peak, "device": name, "dtype": args.dtype,
+                      "size": args.size, "steps": args.steps}))
 
 
 if __name__ == "__main__":
