@@ -21,7 +21,9 @@ pub use components::{
 };
 pub use echo::{tcp_echo_ms, ECHO_ROUND_TRIPS, ECHO_WARMUP};
 pub use grpc::{g2, g3, G2Row, G3Report, G3Row, Loopback, G3_SIZE, G3_STEPS, G3_TARGET_RATIO};
-pub use report::{components_table, g2_table, g3_table, peak_table, Report};
+pub use report::{
+    components_table, g2_table, g3_table, kernel_check_table, peak_table, KernelCheckRow, Report,
+};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::models::pipeline_model::StableDiffusionModel;
@@ -116,7 +118,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the planned sections (components, then G2, then G3), handing each finished section's
 /// Markdown to `emit` as soon as it is measured, and returns the whole report.
 pub async fn run(plan: BenchPlan, mut emit: impl FnMut(&str)) -> Result<Report, BenchError> {
-    let runs_of_kernels = kernel_runs(plan.kernels, &plan.device);
+    let runs_of_kernels = kernel_runs(plan.kernels);
     let mut report = Report {
         model: plan.model_id.clone(),
         device: plan.device_name.clone(),
@@ -128,6 +130,12 @@ pub async fn run(plan: BenchPlan, mut emit: impl FnMut(&str)) -> Result<Report, 
         ..Default::default()
     };
     emit(&report.header());
+    if !plan.device.is_cpu() && plan.kernels != KernelChoice::Reference {
+        let checks = crate::kernels::check(&plan.device, plan.dtype)?;
+        let rows: Vec<KernelCheckRow> = checks.iter().map(KernelCheckRow::from).collect();
+        emit(&kernel_check_table(&rows));
+        report.kernel_checks = Some(rows);
+    }
     if plan.sections.components {
         measure_components(&plan, &runs_of_kernels, &mut report)?;
         emit(&components_table(

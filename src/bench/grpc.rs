@@ -57,9 +57,16 @@ impl Loopback {
             listener,
             std::future::pending(),
         ));
-        let client = DiffusionClient::connect(format!("http://{addr}"))
+        // The same transport settings as `stepstream::client::Client`.
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(server::HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(server::HTTP2_CONNECTION_WINDOW))
+            .connect()
             .await
-            .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?
+            .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?;
+        let client = DiffusionClient::new(channel)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         Ok(Self { client, model })

@@ -1,5 +1,6 @@
 //! The report: one Markdown table per section, and everything as one JSON object.
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::components::{ComponentRow, PeakRow};
@@ -34,6 +35,70 @@ pub struct Report {
     pub components: Option<Vec<ComponentRow>>,
     /// Peak memory of the whole-generation timing, per kernel mode.
     pub peak_memory: Option<Vec<PeakRow>>,
+    /// The fused kernels against the f32 reference on fresh random inputs (none on the CPU).
+    pub kernel_checks: Option<Vec<KernelCheckRow>>,
+}
+
+/// One fused-kernel check, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelCheckRow {
+    /// `attention` or `group_norm`.
+    pub kernel: &'static str,
+    /// The case's shapes.
+    pub case: String,
+    /// Whether the fused kernel ran for this case.
+    pub applied: bool,
+    /// Relative L2 error against the f32 reference.
+    pub rel_l2: f64,
+    /// Largest absolute error over the largest reference magnitude.
+    pub rel_max: f64,
+    /// The bound on `rel_l2`.
+    pub tolerance: f64,
+    /// Within the bound (or not applied).
+    pub passed: bool,
+}
+
+impl From<&crate::kernels::KernelCheck> for KernelCheckRow {
+    fn from(c: &crate::kernels::KernelCheck) -> Self {
+        Self {
+            kernel: c.kernel.name(),
+            case: c.case.clone(),
+            applied: c.applied,
+            rel_l2: c.rel_l2,
+            rel_max: c.rel_max,
+            tolerance: c.tolerance,
+            passed: c.passed(),
+        }
+    }
+}
+
+/// The kernel checks as a Markdown section.
+pub fn kernel_check_table(rows: &[KernelCheckRow]) -> String {
+    let mut out = String::from(
+        "## Fused kernels against the f32 reference (fresh random inputs)\n\n\
+         | kernel | case | ran | relative L2 error | max error / max value | bound | passed |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        if r.applied {
+            out.push_str(&format!(
+                "| {} | {} | yes | {:.2e} | {:.2e} | {:.0e} | {} |\n",
+                r.kernel,
+                r.case,
+                r.rel_l2,
+                r.rel_max,
+                r.tolerance,
+                yes_no(r.passed)
+            ));
+        } else {
+            out.push_str(&format!(
+                "| {} | {} | no (reference ops) | – | – | – | – |\n",
+                r.kernel, r.case
+            ));
+        }
+    }
+    out.push('\n');
+    out
 }
 
 impl Report {
@@ -65,6 +130,8 @@ impl Report {
             "peak_memory": self.peak_memory.as_deref().map(peak_json),
         });
         round_floats(&mut v);
+        // Errors are small numbers: added after the rounding, at full precision.
+        v["kernel_checks"] = json!(self.kernel_checks);
         v
     }
 }
@@ -303,9 +370,9 @@ mod tests {
     fn the_json_has_every_key_and_rounded_floats() {
         let report = Report {
             model: "m".into(),
-            components: Some(vec![row("reference (cpu)", "UNet", 1.234_567_89)]),
+            components: Some(vec![row("reference", "UNet", 1.234_567_89)]),
             peak_memory: Some(vec![PeakRow {
-                kernels: "reference (cpu)".into(),
+                kernels: "reference".into(),
                 peak: Some((1 << 30, PeakSource::ProcessRss)),
             }]),
             ..Default::default()
