@@ -367,6 +367,7 @@ impl Client {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(crate::server::HTTP2_STREAM_WINDOW))
             .initial_connection_window_size(Some(crate::server::HTTP2_CONNECTION_WINDOW))
+            .max_frame_size(Some(crate::server::HTTP2_MAX_FRAME))
             .connect()
             .await
             .map_err(connect)?;

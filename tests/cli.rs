@@ -91,7 +91,10 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert_eq!(v["dtype"], "f32");
     assert_eq!(v["kernels"], serde_json::json!(["fused", "reference"]));
     assert_eq!(v["size"], 64);
-    assert!(v["kernel_checks"].is_null(), "no fused kernels to check on the CPU");
+    assert!(
+        v["kernel_checks"].is_null(),
+        "no fused kernels to check on the CPU"
+    );
 
     let g3 = &v["g3"];
     assert_eq!(g3["latents_shape"], serde_json::json!([1, 4, 8, 8]));

@@ -63,6 +63,7 @@ impl Loopback {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(server::HTTP2_STREAM_WINDOW))
             .initial_connection_window_size(Some(server::HTTP2_CONNECTION_WINDOW))
+            .max_frame_size(Some(server::HTTP2_MAX_FRAME))
             .connect()
             .await
             .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?;
