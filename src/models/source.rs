@@ -142,10 +142,12 @@ impl ModelSource {
                 Ok(VarBuilder::from_slice_safetensors(bytes, dtype, device)?)
             }
             // Every weight is created on first use, zero-filled, with the shape the model asks for.
-            ModelSource::Synthetic { .. } => Ok(VarBuilder::from_varmap(
-                &candle_nn::VarMap::new(),
+            // Plain tensors, not training variables: ops on a variable record the graph, and the
+            // denoising loop's latents would then keep every step's activations alive.
+            ModelSource::Synthetic { .. } => Ok(VarBuilder::from_backend(
+                Box::new(MaterialisedZeros),
                 dtype,
-                device,
+                device.clone(),
             )),
         }
     }
@@ -156,6 +158,42 @@ impl ModelSource {
             ModelSource::Dir(p) => Some(p),
             ModelSource::Embedded { .. } | ModelSource::Synthetic { .. } => None,
         }
+    }
+}
+
+/// Zero weights that occupy real memory. A plain zero-filled CPU allocation is lazily mapped to
+/// the kernel's one shared zero page, which would make a real-sized model look free (no resident
+/// memory, every weight read a cache hit); writing the zeros makes it cost what real weights cost.
+struct MaterialisedZeros;
+
+impl candle_nn::var_builder::SimpleBackend for MaterialisedZeros {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if device.is_cpu() {
+            // `ones` writes every element; the affine map writes zeros into a fresh buffer.
+            candle_core::Tensor::ones(shape, dtype, device)?.affine(0.0, 0.0)
+        } else {
+            candle_core::Tensor::zeros(shape, dtype, device)
+        }
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _: DType,
+        _: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::bail!("synthetic weights need a shape (asked for `{name}` without one)")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 

@@ -95,4 +95,20 @@ mod tests {
         assert_eq!(w.dims(), &[4, 3]);
         assert!(source("sd99").is_err());
     }
+
+    #[test]
+    fn synthetic_weights_are_plain_zero_tensors_that_record_no_graph() {
+        let src = source("sd15").unwrap();
+        let vb = src
+            .var_builder("unet", candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let w = vb.get((64, 32), "w").unwrap();
+        // A training variable would make every op record its inputs, so the denoising loop's
+        // latents would keep each step's activations alive.
+        assert!(!w.is_variable());
+        let x = candle_core::Tensor::ones((32, 8), candle_core::DType::F32, w.device()).unwrap();
+        let y = w.matmul(&x).unwrap();
+        assert!(!y.track_op(), "no op recorded on plain weights");
+        assert_eq!(y.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 }
