@@ -89,7 +89,7 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert_eq!(v["model"], "tiny-sd15");
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["dtype"], "f32");
-    assert_eq!(v["kernels"], serde_json::json!(["fused", "reference"]));
+    assert_eq!(v["kernels"], serde_json::json!(["reference (cpu)"]));
     assert_eq!(v["size"], 64);
     assert!(
         v["kernel_checks"].is_null(),
@@ -139,9 +139,8 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert_eq!(g2[3]["target_pct"], 2.0);
     assert_eq!(g2[4]["target_pct"], 4.0);
 
-    // Four components, once per kernel mode.
     let components = v["components"].as_array().unwrap();
-    assert_eq!(components.len(), 8);
+    assert_eq!(components.len(), 4);
     assert!(components.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0));
     let peak = &v["peak_memory"];
     assert_eq!(peak["source"], "process_rss");
@@ -156,7 +155,7 @@ fn bench_components_alone_leaves_the_grpc_sections_null() {
         "{stdout}"
     );
     assert!(v["g2"].is_null() && v["g3"].is_null());
-    assert_eq!(v["components"].as_array().unwrap().len(), 8);
+    assert_eq!(v["components"].as_array().unwrap().len(), 4);
 
     let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
         .args(["bench", "--components", "--skip-components"])

@@ -40,20 +40,25 @@ impl std::str::FromStr for KernelChoice {
 /// One kernel mode to run, with its label in the report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelRun {
-    /// The label of its rows: `fused` or `reference`.
+    /// The label of its rows: `fused`, `reference` or `reference (cpu)`.
     pub label: String,
     /// The mode set with [`kernels::set_mode`] while it runs.
     pub mode: KernelMode,
 }
 
-/// The kernel modes to run for `choice`. Every device has fast paths (pointwise convolutions as
-/// one matrix product everywhere, fused kernels on CUDA), so `both` gives a same-run before/after
-/// on any machine.
-pub fn kernel_runs(choice: KernelChoice) -> Vec<KernelRun> {
+/// The kernel modes to run for `choice` on `device`. The fast paths exist on GPUs only, so on
+/// the CPU it is one run, labelled `reference (cpu)`, whatever was asked.
+pub fn kernel_runs(choice: KernelChoice, device: &Device) -> Vec<KernelRun> {
     let run = |mode: KernelMode| KernelRun {
         label: mode.name().to_string(),
         mode,
     };
+    if device.is_cpu() {
+        return vec![KernelRun {
+            label: "reference (cpu)".into(),
+            mode: KernelMode::Reference,
+        }];
+    }
     match choice {
         KernelChoice::Fused => vec![run(KernelMode::Fused)],
         KernelChoice::Reference => vec![run(KernelMode::Reference)],
@@ -236,16 +241,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn both_runs_the_fast_paths_then_the_reference() {
-        let labels = |c: &str| -> Vec<String> {
-            kernel_runs(c.parse().unwrap())
-                .into_iter()
-                .map(|r| r.label)
-                .collect()
-        };
-        assert_eq!(labels("both"), ["fused", "reference"]);
-        assert_eq!(labels("fused"), ["fused"]);
-        assert_eq!(labels("reference"), ["reference"]);
+    fn the_cpu_runs_the_reference_once_whatever_is_asked() {
+        for choice in ["fused", "reference", "both"] {
+            let runs = kernel_runs(choice.parse().unwrap(), &Device::Cpu);
+            assert_eq!(
+                runs,
+                vec![KernelRun {
+                    label: "reference (cpu)".into(),
+                    mode: KernelMode::Reference
+                }]
+            );
+        }
         assert!("fast".parse::<KernelChoice>().is_err());
     }
 }

@@ -3,9 +3,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-/// A convolution layer (`weight: (cout, cin, k, k)`, `bias: (cout,)`). Pointwise ones run as one
-/// matrix product `W · x` on the `(b, cin, h·w)` view of the input, which is already the output's
-/// layout: no im2col buffer and no transpose back, unlike the general path.
+/// A convolution layer (`weight: (cout, cin, k, k)`, `bias: (cout,)`). On a GPU, pointwise ones
+/// run as one matrix product `W · x` on the `(b, cin, h·w)` view of the input, which is already
+/// the output's layout: no im2col buffer and no transpose back, unlike candle's CUDA convolution.
+/// (candle's CPU convolution already special-cases pointwise kernels this way.)
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     conv: candle_nn::Conv2d,
@@ -44,20 +45,25 @@ impl Conv2d {
 
     /// Convolves `x: (b, cin, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.pointwise {
-            Some(w) if super::fused() => {
-                let (b, c, h, wd) = x.dims4()?;
-                let cout = w.dim(0)?;
-                let flat = x.reshape((b, c, h * wd))?;
-                let out = w.broadcast_left(b)?.matmul(&flat)?;
-                let out = match self.conv.bias() {
-                    Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1))?)?,
-                    None => out,
-                };
-                out.reshape((b, cout, h, wd))
-            }
-            _ => self.conv.forward(x),
+        if self.pointwise.is_some() && super::fused() && !x.device().is_cpu() {
+            return self.pointwise_product(x);
         }
+        self.conv.forward(x)
+    }
+
+    /// The pointwise kernel as `W · x` per batch item (only for pointwise layers).
+    fn pointwise_product(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(w) = &self.pointwise else {
+            candle_core::bail!("not a pointwise convolution");
+        };
+        let (b, c, h, wd) = x.dims4()?;
+        let cout = w.dim(0)?;
+        let out = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
+        let out = match self.conv.bias() {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1))?)?,
+            None => out,
+        };
+        out.reshape((b, cout, h, wd))
     }
 }
 
@@ -84,7 +90,7 @@ mod tests {
         let conv = Conv2d::load(vb, 6, 5, 1, 1, 0).unwrap();
         assert!(conv.pointwise.is_some());
         let x = Tensor::randn(0f32, 1.0, (3, 6, 4, 7), &dev).unwrap();
-        let fast = conv.forward(&x).unwrap();
+        let fast = conv.pointwise_product(&x).unwrap();
         let general = conv.conv.forward(&x).unwrap();
         let diff = (fast - general).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);

@@ -24,8 +24,8 @@ pub use group_norm::GroupNorm;
 /// Which implementation of the hot operations runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelMode {
-    /// Our fast paths where they apply (the default): fused CUDA kernels, pointwise convolutions
-    /// as one matrix product (every device).
+    /// Our fast paths where they apply (the default): fused CUDA kernels and pointwise
+    /// convolutions as one matrix product on the GPU. The CPU runs the reference either way.
     Fused,
     /// Plain candle ops everywhere (the reference).
     Reference,
