@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Compute dtype: f32, f16 or bf16 (f16/bf16 are for GPUs).
     #[arg(long, env = "STEPSTREAM_DTYPE", default_value = "f32")]
     dtype: String,
+    /// GPU fast paths: `fused` (fused CUDA kernels, checked against the f32 reference at start)
+    /// or `reference` (plain candle ops). The CPU runs the reference either way.
+    #[arg(long, env = "STEPSTREAM_KERNELS", default_value = "fused")]
+    kernels: stepstream::kernels::KernelMode,
     /// Reply deadline in milliseconds when a request sets none.
     #[arg(long, env = "STEPSTREAM_REPLY_TIMEOUT_MS", default_value_t = 30_000)]
     reply_timeout_ms: u64,
@@ -247,6 +251,7 @@ fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    stepstream::kernels::set_mode(args.kernels);
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let models = if args.models.is_empty() {

@@ -50,6 +50,20 @@ fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
     assert!(err.contains("model_index.json"), "{err}");
 }
 
+#[test]
+fn serve_takes_a_kernel_mode_and_refuses_an_unknown_one() {
+    let server = spawn_serve(["--kernels", "reference"]);
+    assert!(server.addr.starts_with("127.0.0.1:"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--kernels", "fast"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use fused or reference"), "{err}");
+}
+
 /// Runs `stepstream bench` on the embedded model with `args`; returns its stdout and the parsed
 /// JSON of its last line.
 fn bench(args: &[&str]) -> (String, serde_json::Value) {

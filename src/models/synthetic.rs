@@ -109,6 +109,14 @@ mod tests {
         let x = candle_core::Tensor::ones((32, 8), candle_core::DType::F32, w.device()).unwrap();
         let y = w.matmul(&x).unwrap();
         assert!(!y.track_op(), "no op recorded on plain weights");
-        assert_eq!(y.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            y.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 }
