@@ -74,7 +74,7 @@ template <typename T>
 __device__ void attention_impl(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, T* __restrict__ out, int n, int m,
                                int heads, int d, int dp, float scale_log2) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem[];  // WMMA wants 32-byte alignment
     const int ld = dp + 8;
     T* sQ = reinterpret_cast<T*>(smem);
     T* sK = sQ + ATT_BR * ld;

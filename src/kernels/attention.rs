@@ -24,6 +24,18 @@ pub fn attention(
             return Ok(out);
         }
     }
+    token_major_reference(q, k, v, heads, scale, upcast)
+}
+
+/// [`reference`] on token-major tensors: split the heads, attend, merge them back.
+pub(crate) fn token_major_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
     let split = |t: &Tensor| -> Result<Tensor> {
         let (b, n, width) = t.dims3()?;
         t.reshape((b, n, heads, width / heads))?

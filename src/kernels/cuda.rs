@@ -70,7 +70,10 @@ pub(super) fn attention(
     if !enabled(FusedKernel::Attention) || !matches!(q.device(), Device::Cuda(_)) {
         return Ok(None);
     }
-    if !matches!(q.dtype(), DType::F16 | DType::BF16) || k.dtype() != q.dtype() {
+    if !matches!(q.dtype(), DType::F16 | DType::BF16)
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+    {
         return Ok(None);
     }
     let (b, n, width) = q.dims3()?;
@@ -169,9 +172,10 @@ impl FlashAttention {
         let dp = d.next_multiple_of(16);
         let smem = attention_smem_bytes(dp);
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        // The opt-in limit for the widest head, so launches for any width fit under it.
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
+            attention_smem_bytes(MAX_HEAD_DIM) as i32,
         )
         .w()?;
         let cfg = LaunchConfig {
@@ -198,7 +202,7 @@ impl FlashAttention {
 }
 
 /// The fused GroupNorm(+SiLU) for `x: (b, c, ...)` when it applies (CUDA, f32/f16/bf16, weights in
-/// `x`'s dtype, fewer than 2^31 elements per group); `None` otherwise.
+/// `x`'s dtype, fewer than 2^31 − 2^20 elements per group); `None` otherwise.
 pub(super) fn group_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -222,7 +226,8 @@ pub(super) fn group_norm(
         return Ok(None);
     }
     let len = x.elem_count() / (b * groups).max(1);
-    if len == 0 || len > i32::MAX as usize || b * groups > 65_535 {
+    // The kernels index a group with i32 and step past its end by up to a grid stride (2^18).
+    if len == 0 || len > (i32::MAX as usize) - (1 << 20) || b * groups > 65_535 {
         return Ok(None);
     }
     let op = FusedGroupNorm {
