@@ -35,6 +35,9 @@ def main():
         if row.get("gib") is not None and theirs.get("peak_gib") is not None:
             print(f"| peak memory, whole generation | {row['kernels']} | {row['gib']:.2f} GiB | "
                   f"{theirs['peak_gib']:.2f} GiB | {row['gib'] / theirs['peak_gib']:.2f} |")
+        if row.get("unet_gib") is not None and theirs.get("unet_peak_gib") is not None:
+            print(f"| peak memory, UNet forward batch 2 | {row['kernels']} | {row['unet_gib']:.2f} GiB | "
+                  f"{theirs['unet_peak_gib']:.2f} GiB | {row['unet_gib'] / theirs['unet_peak_gib']:.2f} |")
     print(json.dumps({"g1": [{"component": k[0], "kernels": k[1], "ratio": round(v, 4)}
                              for k, v in ratios.items()]}))
 

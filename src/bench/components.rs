@@ -77,13 +77,15 @@ pub struct ComponentRow {
     pub ms: f64,
 }
 
-/// The peak memory of the whole-generation timing under one kernel mode.
+/// The peak memory of the whole-generation and the UNet timings under one kernel mode.
 #[derive(Clone, Debug)]
 pub struct PeakRow {
     /// The kernel mode's label.
     pub kernels: String,
-    /// Peak bytes and where the figure comes from; `None` where it cannot be read.
+    /// Whole generation: peak bytes and where the figure comes from; `None` where unreadable.
     pub peak: Option<(u64, PeakSource)>,
+    /// The same around the UNet forward at batch 2 (diffusers' `unet_peak_gib`).
+    pub unet_peak: Option<(u64, PeakSource)>,
 }
 
 /// One kernel mode's component timings (name, median ms) and its whole-generation peak.
@@ -93,6 +95,8 @@ pub struct ComponentTimes {
     pub rows: Vec<(String, f64)>,
     /// Peak memory around the whole-generation timing (see [`devmem::peak_bytes`]).
     pub peak: Option<(u64, PeakSource)>,
+    /// Peak memory around the UNet timing.
+    pub unet_peak: Option<(u64, PeakSource)>,
 }
 
 /// Times the components once per kernel run, setting each run's mode first; rows and peaks are
@@ -116,6 +120,7 @@ pub fn components_per_kernels(
         peaks.push(PeakRow {
             kernels: k.label.clone(),
             peak: times.peak,
+            unet_peak: times.unet_peak,
         });
     }
     Ok((rows, peaks))
@@ -133,7 +138,9 @@ pub fn components(
     let vsf = model.vae_scale_factor();
     let (h, w, c) = (size / vsf, size / vsf, model.unet_in_channels());
     let mut rows = Vec::new();
+    devmem::reset_peak(&model.device);
     let unet = time_unet(model, (c, h, w), runs)?;
+    let unet_peak = devmem::peak_bytes(&model.device);
     tracing::info!(ms = unet, "UNet forward timed");
     rows.push((format!("UNet forward, batch 2, {size}x{size}"), unet));
     let vae = time_vae(model, (c, h, w), runs)?;
@@ -145,7 +152,11 @@ pub fn components(
         format!("whole generation, {steps} DDIM steps with CFG, decode + PNG"),
         whole,
     ));
-    Ok(ComponentTimes { rows, peak })
+    Ok(ComponentTimes {
+        rows,
+        peak,
+        unet_peak,
+    })
 }
 
 /// A standard-normal tensor of `shape` on the model's device, in `dtype`.

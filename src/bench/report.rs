@@ -143,10 +143,13 @@ fn peak_json(rows: &[PeakRow]) -> Value {
         .iter()
         .map(|r| {
             let bytes = r.peak.map(|(b, _)| b);
+            let unet = r.unet_peak.map(|(b, _)| b);
             json!({
                 "kernels": r.kernels,
                 "bytes": bytes,
                 "gib": bytes.map(|b| b as f64 / GIB),
+                "unet_bytes": unet,
+                "unet_gib": unet.map(|b| b as f64 / GIB),
             })
         })
         .collect();
@@ -301,19 +304,25 @@ fn ratio_cols(labels: &[&str]) -> usize {
 /// Peak memory as a Markdown section.
 pub fn peak_table(rows: &[PeakRow]) -> String {
     let mut out = String::from(
-        "## Peak memory (around the whole-generation timing)\n\n\
-         | kernels | peak GiB | bytes | what it is |\n|---|---|---|---|\n",
+        "## Peak memory (around the whole-generation and the UNet timings)\n\n\
+         | kernels | whole generation GiB | UNet forward, batch 2 GiB | what it is |\n\
+         |---|---|---|---|\n",
     );
+    let gib = |p: Option<(u64, PeakSource)>| match p {
+        Some((bytes, _)) => format!("{:.3}", bytes as f64 / GIB),
+        None => "–".into(),
+    };
     for r in rows {
-        match r.peak {
-            Some((bytes, source)) => out.push_str(&format!(
-                "| {} | {:.3} | {bytes} | {} |\n",
-                r.kernels,
-                bytes as f64 / GIB,
-                source_label(source)
-            )),
-            None => out.push_str(&format!("| {} | – | – | not readable here |\n", r.kernels)),
-        }
+        let what = match r.peak.or(r.unet_peak) {
+            Some((_, source)) => source_label(source),
+            None => "not readable here",
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {what} |\n",
+            r.kernels,
+            gib(r.peak),
+            gib(r.unet_peak)
+        ));
     }
     out.push('\n');
     out
@@ -374,6 +383,7 @@ mod tests {
             peak_memory: Some(vec![PeakRow {
                 kernels: "reference".into(),
                 peak: Some((1 << 30, PeakSource::ProcessRss)),
+                unet_peak: Some((1 << 29, PeakSource::ProcessRss)),
             }]),
             ..Default::default()
         };
@@ -398,5 +408,6 @@ mod tests {
         assert_eq!(v["peak_memory"]["source"], "process_rss");
         assert_eq!(v["peak_memory"]["rows"][0]["gib"], json!(1.0));
         assert_eq!(v["peak_memory"]["rows"][0]["bytes"], json!(1u64 << 30));
+        assert_eq!(v["peak_memory"]["rows"][0]["unet_gib"], json!(0.5));
     }
 }
