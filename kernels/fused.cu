@@ -108,18 +108,21 @@ __device__ void attention_impl(const T* __restrict__ q, const T* __restrict__ k,
         load_tile(sV, v + kv_off, kvalid, d, dp, ld, row_stride);
         __syncthreads();
 
-        // S = Q_w K_tile^T  (16 x 64), f32 accumulate.
-        for (int cb = 0; cb < ATT_BC / 16; ++cb) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
+        // S = Q_w K_tile^T  (16 x 64), f32 accumulate; each Q fragment is loaded once per tile.
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[ATT_BC / 16];
+            for (int cb = 0; cb < ATT_BC / 16; ++cb) wmma::fill_fragment(acc[cb], 0.f);
             for (int kk = 0; kk < dp; kk += 16) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
                 wmma::load_matrix_sync(a, sQ + warp * 16 * ld + kk, ld);
-                wmma::load_matrix_sync(b, sK + cb * 16 * ld + kk, ld);
-                wmma::mma_sync(acc, a, b, acc);
+                for (int cb = 0; cb < ATT_BC / 16; ++cb) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                    wmma::load_matrix_sync(b, sK + cb * 16 * ld + kk, ld);
+                    wmma::mma_sync(acc[cb], a, b, acc[cb]);
+                }
             }
-            wmma::store_matrix_sync(wS + cb * 16, acc, ATT_S_LD, wmma::mem_row_major);
+            for (int cb = 0; cb < ATT_BC / 16; ++cb)
+                wmma::store_matrix_sync(wS + cb * 16, acc[cb], ATT_S_LD, wmma::mem_row_major);
         }
         __syncwarp();
 
@@ -151,18 +154,22 @@ __device__ void attention_impl(const T* __restrict__ q, const T* __restrict__ k,
         for (int c = half_sel * half_cols; c < (half_sel + 1) * half_cols; ++c) orow[c] *= alpha;
         __syncwarp();
 
-        // O_w += P_w V_tile  (16 x dp), accumulating through shared memory.
-        for (int cb = 0; cb < dp / 16; ++cb) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, wO + cb * 16, o_ld, wmma::mem_row_major);
-            for (int kk = 0; kk < ATT_BC; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                wmma::load_matrix_sync(a, wP + kk, ATT_P_LD);
-                wmma::load_matrix_sync(b, sV + kk * ld + cb * 16, ld);
-                wmma::mma_sync(acc, a, b, acc);
+        // O_w += P_w V_tile  (16 x dp), accumulating through shared memory; the P fragments
+        // are loaded once per tile.
+        {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[ATT_BC / 16];
+            for (int kb = 0; kb < ATT_BC / 16; ++kb)
+                wmma::load_matrix_sync(a[kb], wP + kb * 16, ATT_P_LD);
+            for (int cb = 0; cb < dp / 16; ++cb) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::load_matrix_sync(acc, wO + cb * 16, o_ld, wmma::mem_row_major);
+                for (int kb = 0; kb < ATT_BC / 16; ++kb) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                    wmma::load_matrix_sync(b, sV + kb * 16 * ld + cb * 16, ld);
+                    wmma::mma_sync(acc, a[kb], b, acc);
+                }
+                wmma::store_matrix_sync(wO + cb * 16, acc, o_ld, wmma::mem_row_major);
             }
-            wmma::store_matrix_sync(wO + cb * 16, acc, o_ld, wmma::mem_row_major);
         }
         __syncwarp();
     }
