@@ -2,10 +2,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -154,6 +155,47 @@ impl Drop for LeaveOnDrop {
     }
 }
 
+/// A session's response stream: engine events merged with session notices (observe-only
+/// replies, protocol errors), engine events first. It ends after Completed or the first error;
+/// the client going away drops it, which leaves the slot and so cancels the job.
+struct SessionStream {
+    events: mpsc::Receiver<EngineEvent>,
+    notices: mpsc::Receiver<EngineEvent>,
+    _slot: LeaveOnDrop,
+    done: bool,
+}
+
+impl Stream for SessionStream {
+    type Item = Result<proto::ServerMessage, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let event = match this.events.poll_recv(cx) {
+            Poll::Ready(Some(event)) => event,
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            // A closed notice channel just means no more notices; the events decide the end.
+            Poll::Pending => match this.notices.poll_recv(cx) {
+                Poll::Ready(Some(notice)) => notice,
+                _ => return Poll::Pending,
+            },
+        };
+        this.done = matches!(
+            event,
+            Err(_)
+                | Ok(proto::ServerMessage {
+                    kind: Some(server_message::Kind::Completed(_))
+                })
+        );
+        Poll::Ready(Some(event.map_err(Status::from)))
+    }
+}
+
 fn request_timeout<T>(request: &Request<T>) -> Option<Duration> {
     request
         .metadata()
@@ -210,7 +252,7 @@ impl Diffusion for DiffusionService {
 
         // Inbound side: forward replies to the worker; the client ending or breaking the stream
         // cancels the job. Runs until the client is done or the job is.
-        let (notice_tx, mut notice_rx) = mpsc::channel::<EngineEvent>(1);
+        let (notice_tx, notice_rx) = mpsc::channel::<EngineEvent>(1);
         let inbound_slot = slot.clone();
         tokio::spawn(
             async move {
@@ -246,39 +288,14 @@ impl Diffusion for DiffusionService {
             .in_current_span(),
         );
 
-        // Outbound side: engine events merged with session notices (observe-only replies,
-        // protocol errors); ends after Completed or the first error. The client dropping the
-        // response cancels the job.
-        let (out_tx, out_rx) = mpsc::channel::<Result<proto::ServerMessage, Status>>(EVENT_BUFFER);
-        let mut events = events;
-        tokio::spawn(
-            async move {
-                let _guard = LeaveOnDrop(slot);
-                loop {
-                    let ev = tokio::select! {
-                        biased;
-                        _ = out_tx.closed() => break,
-                        ev = events.recv() => match ev {
-                            Some(ev) => ev,
-                            None => break,
-                        },
-                        Some(n) = notice_rx.recv() => n,
-                    };
-                    let last = matches!(
-                        ev,
-                        Err(_)
-                            | Ok(proto::ServerMessage {
-                                kind: Some(server_message::Kind::Completed(_))
-                            })
-                    );
-                    if out_tx.send(ev.map_err(Status::from)).await.is_err() || last {
-                        break;
-                    }
-                }
-            }
-            .in_current_span(),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        // Outbound side: engine events merged with session notices, polled by the connection
+        // itself (no forwarding task between the worker and the socket).
+        Ok(Response::new(Box::pin(SessionStream {
+            events,
+            notices: notice_rx,
+            _slot: LeaveOnDrop(slot),
+            done: false,
+        })))
     }
 
     async fn generate_once(
