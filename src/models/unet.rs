@@ -19,7 +19,7 @@ pub use config::{OneOrMany, TransformerLayers, UNetConfig};
 
 use crate::models::{ModelError, Result};
 use blocks::{Common, DownBlock, MidBlock, UpBlock};
-use layers::{conv_same, group_norm, timestep_embedding, TimestepEmbedding};
+use layers::{conv_same, group_norm, timestep_embedding, timestep_embedding_of, TimestepEmbedding};
 
 /// SDXL's extra conditioning (`added_cond_kwargs` of diffusers' `addition_embed_type = "text_time"`).
 #[derive(Clone, Debug)]
@@ -159,17 +159,13 @@ impl UNet2DConditionModel {
                     "text_embeds batch {tb} and time_ids batch {ib} must equal the sample batch {b}"
                 )));
             }
-            let ids: Vec<f32> = added
-                .time_ids
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            let time_embeds = timestep_embedding(
-                &ids,
+            // On the device: a host copy of the ids here would make every forward pass wait
+            // for the device to finish the previous step.
+            let time_embeds = timestep_embedding_of(
+                &added.time_ids.flatten_all()?,
                 add.time_dim,
                 cfg.flip_sin_to_cos,
                 cfg.freq_shift,
-                device,
             )?
             .reshape((b, n_ids * add.time_dim))?
             .to_dtype(dtype)?;

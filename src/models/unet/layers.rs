@@ -1,7 +1,7 @@
 //! The UNet's building layers, written to follow diffusers' modules operation by operation
 //! (`Timesteps`, `TimestepEmbedding`, `ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`, `Upsample2D`).
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::kernels::{Conv2d, GroupNorm};
@@ -46,6 +46,39 @@ pub(crate) fn timestep_embedding(
         }
     }
     Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
+}
+
+/// [`timestep_embedding`] of values already on the device (`(n,)` or `(n, 1)`, any float dtype),
+/// computed there: no device-to-host copy, so the forward pass never waits for the device. The
+/// same float32 operations in the same order as the host version.
+pub(crate) fn timestep_embedding_of(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let neg_log = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((neg_log * i as f32) / denom).exp())
+        .collect();
+    let n = timesteps.elem_count();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let mut parts = if flip_sin_to_cos {
+        vec![cos, sin]
+    } else {
+        vec![sin, cos]
+    };
+    if dim % 2 == 1 {
+        parts.push(Tensor::zeros((n, 1), DType::F32, timesteps.device())?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
 }
 
 /// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`, optionally followed by silu.
@@ -419,5 +452,30 @@ impl Upsample2D {
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let x = x.upsample_nearest2d(th, tw)?;
         Ok(self.conv.forward(&x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_timestep_embedding_equals_the_host_one() {
+        let values = [0.0f32, 1.0, 512.0, 1024.0, 999.0, 256.0];
+        for (dim, flip, shift) in [(256, true, 0.0), (320, false, 1.0), (7, true, 0.0)] {
+            let host = timestep_embedding(&values, dim, flip, shift, &Device::Cpu).unwrap();
+            let ids = Tensor::new(&values, &Device::Cpu).unwrap();
+            let device = timestep_embedding_of(&ids, dim, flip, shift).unwrap();
+            assert_eq!(host.dims(), device.dims());
+            let diff = (host - device)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "dim {dim}, flip {flip}, shift {shift}");
+        }
     }
 }
