@@ -186,14 +186,25 @@ fn fused_group_norm(_: &super::GroupNorm, _: &Tensor, _: bool) -> Result<Option<
 
 /// Runs [`check`] on `device` and switches off, for the rest of the process, every fused kernel
 /// with a failing case (logged as an error; the reference path then runs). Returns the checks.
-/// On the CPU, or in reference mode, there is nothing to verify and the result is empty.
+/// Checks `dtype` and f32. On the CPU, or in reference mode, there is nothing to verify and the
+/// result is empty.
 pub fn verify(device: &Device, dtype: DType) -> Result<Vec<KernelCheck>> {
     // In reference mode no fused kernel runs at all, not even here: that mode is also the way
     // out should a kernel ever fault and take the CUDA context down with it.
     if device.is_cpu() || super::mode() == super::KernelMode::Reference {
         return Ok(Vec::new());
     }
-    let checks = match check(device, dtype) {
+    // f32 too: a VAE that asks for upcasting (SDXL's) normalises in f32 whatever the model dtype.
+    let mut dtypes = vec![dtype];
+    if dtype != DType::F32 {
+        dtypes.push(DType::F32);
+    }
+    let all = dtypes
+        .into_iter()
+        .map(|d| check(device, d))
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.concat());
+    let checks = match all {
         Ok(checks) => checks,
         Err(e) => {
             // A kernel that cannot even run (module load, launch) is as unusable as a wrong one.
