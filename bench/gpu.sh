@@ -30,8 +30,9 @@ timeout 300 $SS bench --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" 
   | tee "$OUT/ours.txt"
 
 echo "== diffusers: same shapes (random weights), $PYDEV $DTYPE"
-timeout 240 $PYTHON bench/diffusers_bench.py --device "$PYDEV" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
-  --runs "$RUNS" 2>"$OUT/diffusers.log" | tee "$OUT/diffusers.txt"
+# COMPILE=1 also times diffusers' UNet under torch.compile (the stretch goal; about a minute more).
+timeout 300 $PYTHON bench/diffusers_bench.py --device "$PYDEV" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+  --runs "$RUNS" ${COMPILE:+--compile} 2>"$OUT/diffusers.log" | tee "$OUT/diffusers.txt"
 
 echo "== G1: ours / diffusers"
 $PYTHON bench/compare.py "$OUT/ours.txt" "$OUT/diffusers.txt" | tee "$OUT/g1.txt"
