@@ -1,4 +1,5 @@
-//! Scaled dot-product attention over `(batch, heads, tokens, head_dim)` tensors.
+//! Multi-head scaled dot-product attention on token-major `(batch, tokens, heads·head_dim)`
+//! tensors: the fused CUDA kernel where it applies, else the chunked candle-op reference.
 
 use candle_core::{DType, Result, Tensor};
 

@@ -11,7 +11,7 @@ use super::FusedKernel;
 pub struct KernelCheck {
     /// Which kernel.
     pub kernel: FusedKernel,
-    /// The case, e.g. `q 2x8x4096x40, kv 2x8x77x40` or `2x320x64x64 / 32 groups + silu`.
+    /// The case, e.g. `2x1024 queries, 77 keys, 8 heads of 40` or `2x320x64x64 / 32 groups + silu`.
     pub case: String,
     /// The input and output dtype of the kernel.
     pub dtype: DType,
@@ -80,41 +80,59 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)
 }
 
+/// The check of one case: `fused` is the kernel's output (`None`: no kernel applies, nothing is
+/// compared), `reference` computes the f32 result it is compared with.
+fn case_check(
+    kernel: FusedKernel,
+    case: String,
+    dtype: DType,
+    fused: Option<Tensor>,
+    reference: impl FnOnce() -> Result<Tensor>,
+) -> Result<KernelCheck> {
+    let (applied, rel_l2, rel_max) = match fused {
+        Some(got) => {
+            let (l2, max) = compare(&got, &reference()?)?;
+            (true, l2, max)
+        }
+        None => (false, 0.0, 0.0),
+    };
+    Ok(KernelCheck {
+        kernel,
+        case,
+        dtype,
+        applied,
+        rel_l2,
+        rel_max,
+        tolerance: tolerance(dtype),
+    })
+}
+
 /// Compares each fused kernel with the f32 reference on fresh random inputs on `device` in
 /// `dtype`; cases where no kernel applies come back with `applied: false`.
 pub fn check(device: &Device, dtype: DType) -> Result<Vec<KernelCheck>> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let mut out = Vec::new();
     for &((b, h, n, d), m) in ATTENTION_CASES {
         let q = randn(&[b, n, h * d], dtype, device)?;
         let k = randn(&[b, m, h * d], dtype, device)?;
         let v = randn(&[b, m, h * d], dtype, device)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let fused = fused_attention(&q, &k, &v, h, scale)?;
-        let (applied, rel_l2, rel_max) = match fused {
-            Some(got) => {
-                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-                let want = super::attention::token_major_reference(
+        out.push(case_check(
+            FusedKernel::Attention,
+            format!("{b}x{n} queries, {m} keys, {h} heads of {d}"),
+            dtype,
+            fused_attention(&q, &k, &v, h, scale)?,
+            || {
+                super::attention::token_major_reference(
                     &f32(&q)?,
                     &f32(&k)?,
                     &f32(&v)?,
                     h,
                     scale,
                     true,
-                )?;
-                let (l2, max) = compare(&got, &want)?;
-                (true, l2, max)
-            }
-            None => (false, 0.0, 0.0),
-        };
-        out.push(KernelCheck {
-            kernel: FusedKernel::Attention,
-            case: format!("{b}x{n} queries, {m} keys, {h} heads of {d}"),
-            dtype,
-            applied,
-            rel_l2,
-            rel_max,
-            tolerance: tolerance(dtype),
-        });
+                )
+            },
+        )?);
     }
     for &(shape, groups, silu) in GROUP_NORM_CASES {
         let c = shape[1];
@@ -122,38 +140,27 @@ pub fn check(device: &Device, dtype: DType) -> Result<Vec<KernelCheck>> {
         let weight = randn(&[c], dtype, device)?;
         let bias = randn(&[c], dtype, device)?;
         let norm = super::GroupNorm::from_parts(weight.clone(), bias.clone(), groups, 1e-5)?;
-        let fused = fused_group_norm(&norm, &x, silu)?;
-        let (applied, rel_l2, rel_max) = match fused {
-            Some(got) => {
-                let reference = super::GroupNorm::from_parts(
-                    weight.to_dtype(DType::F32)?,
-                    bias.to_dtype(DType::F32)?,
-                    groups,
-                    1e-5,
-                )?;
-                let mut want = reference.reference(&x.to_dtype(DType::F32)?)?;
-                if silu {
-                    want = want.silu()?;
-                }
-                let (l2, max) = compare(&got, &want)?;
-                (true, l2, max)
-            }
-            None => (false, 0.0, 0.0),
-        };
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        out.push(KernelCheck {
-            kernel: FusedKernel::GroupNorm,
-            case: format!(
+        out.push(case_check(
+            FusedKernel::GroupNorm,
+            format!(
                 "{} / {groups} groups{}",
                 dims.join("x"),
                 if silu { " + silu" } else { "" }
             ),
             dtype,
-            applied,
-            rel_l2,
-            rel_max,
-            tolerance: tolerance(dtype),
-        });
+            fused_group_norm(&norm, &x, silu)?,
+            || {
+                let reference =
+                    super::GroupNorm::from_parts(f32(&weight)?, f32(&bias)?, groups, 1e-5)?;
+                let want = reference.reference(&f32(&x)?)?;
+                if silu {
+                    want.silu()
+                } else {
+                    Ok(want)
+                }
+            },
+        )?);
     }
     Ok(out)
 }

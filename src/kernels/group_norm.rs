@@ -15,15 +15,12 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` (`channels` each) from `vb`.
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
-            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
-        }
-        Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+        Self::from_parts(
+            vb.get(channels, "weight")?,
+            vb.get(channels, "bias")?,
             groups,
             eps,
-        })
+        )
     }
 
     /// A GroupNorm from its parts (`weight`, `bias`: one value per channel).
@@ -31,7 +28,7 @@ impl GroupNorm {
         let channels = weight.dim(0)?;
         if groups == 0 || channels % groups != 0 || bias.dims() != weight.dims() {
             candle_core::bail!(
-                "GroupNorm: {groups} groups, weight {:?}, bias {:?}",
+                "GroupNorm: {groups} groups for {channels} channels, weight {:?}, bias {:?}",
                 weight.dims(),
                 bias.dims()
             );
@@ -57,9 +54,7 @@ impl GroupNorm {
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if super::fused() {
-            if let Some(out) =
-                super::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)?
-            {
+            if let Some(out) = self.fused(x, silu)? {
                 return Ok(out);
             }
         }

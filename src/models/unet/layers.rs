@@ -13,6 +13,17 @@ const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
 /// Epsilon of `BasicTransformerBlock`'s LayerNorms (diffusers' default `norm_eps`).
 const TRANSFORMER_LAYER_NORM_EPS: f64 = 1e-5;
 
+/// The `dim / 2` frequencies of [`timestep_embedding`]: torch's
+/// `exp(-math.log(10000) * arange(half, f32) / (half - shift))`, every operation in float32.
+fn timestep_frequencies(dim: usize, freq_shift: f64) -> Vec<f32> {
+    let half = dim / 2;
+    let neg_log = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    (0..half)
+        .map(|i| ((neg_log * i as f32) / denom).exp())
+        .collect()
+}
+
 /// diffusers' `get_timestep_embedding` in float32: `[sin | cos]` (or `[cos | sin]` when flipped) of
 /// `t * exp(-ln(10000) * i / (dim/2 - shift))`, one row per value of `timesteps`.
 pub(crate) fn timestep_embedding(
@@ -22,13 +33,7 @@ pub(crate) fn timestep_embedding(
     freq_shift: f64,
     device: &Device,
 ) -> Result<Tensor> {
-    let half = dim / 2;
-    // torch: (-math.log(10000) * arange(half, f32)) / (half - shift), every operation in float32.
-    let neg_log = -(10000f64.ln()) as f32;
-    let denom = (half as f64 - freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((neg_log * i as f32) / denom).exp())
-        .collect();
+    let freqs = timestep_frequencies(dim, freq_shift);
     let mut data = Vec::with_capacity(timesteps.len() * dim);
     for &t in timesteps {
         let args: Vec<f32> = freqs.iter().map(|&f| t * f).collect();
@@ -58,11 +63,7 @@ pub(crate) fn timestep_embedding_of(
     freq_shift: f64,
 ) -> Result<Tensor> {
     let half = dim / 2;
-    let neg_log = -(10000f64.ln()) as f32;
-    let denom = (half as f64 - freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((neg_log * i as f32) / denom).exp())
-        .collect();
+    let freqs = timestep_frequencies(dim, freq_shift);
     let n = timesteps.elem_count();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
     let args = timesteps
