@@ -199,11 +199,14 @@ fn measure_components(
 /// Starts an engine that serves the plan's model (the server's default limits).
 async fn start_engine(plan: &BenchPlan) -> Result<Engine, BenchError> {
     let limits = Limits::default();
+    let (max_sessions, max_batch) = EngineConfig::default_capacity(&plan.device, plan.dtype);
     Ok(Engine::start(EngineConfig {
         device: plan.device.clone(),
         dtype: plan.dtype,
         models: vec![(plan.model_id.clone(), plan.source.clone())],
-        max_queue: 4,
+        max_queue: 64,
+        max_sessions,
+        max_batch,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })

@@ -105,9 +105,18 @@ struct ServeArgs {
     /// Reply deadline in milliseconds when a request sets none.
     #[arg(long, env = "STEPSTREAM_REPLY_TIMEOUT_MS", default_value_t = 30_000)]
     reply_timeout_ms: u64,
-    /// Generations that may wait behind the running one; more are refused (RESOURCE_EXHAUSTED).
+    /// Generations that may queue while --max-sessions are live; more are refused
+    /// (RESOURCE_EXHAUSTED).
     #[arg(long, env = "STEPSTREAM_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
+    /// Sessions live on the device at once, stepping or waiting for their clients
+    /// [default: 64 on every device].
+    #[arg(long, env = "STEPSTREAM_MAX_SESSIONS")]
+    max_sessions: Option<usize>,
+    /// Rows in one UNet call (a session's images, doubled under CFG) [default: 16 on the CPU
+    /// and for f32 on a GPU, 32 for f16/bf16 on a GPU].
+    #[arg(long, env = "STEPSTREAM_MAX_BATCH")]
+    max_batch: Option<usize>,
     /// The longest reply deadline a request may ask for, in milliseconds.
     #[arg(
         long,
@@ -301,11 +310,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         log_prompts: args.log_prompts,
     };
+    let (default_sessions, default_batch) = EngineConfig::default_capacity(&device, dtype);
     let engine = Engine::start(EngineConfig {
         device,
         dtype,
         models,
         max_queue: args.max_queue,
+        max_sessions: args.max_sessions.unwrap_or(default_sessions).max(1),
+        max_batch: args.max_batch.unwrap_or(default_batch).max(1),
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })

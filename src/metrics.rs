@@ -42,26 +42,55 @@ const BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0, 60000.0,
 ];
 
-/// A fixed-bucket histogram of millisecond values.
-#[derive(Debug, Default)]
+/// Bucket bounds of the rows-per-UNet-call histogram.
+const BUCKETS_ROWS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// A fixed-bucket histogram (milliseconds by default; see [`Histogram::rows`]).
+#[derive(Debug)]
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_MS.len()],
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
     count: AtomicU64,
-    /// Sum in microseconds (integer, so it can be atomic).
-    sum_us: AtomicU64,
+    /// Sum in thousandths (integer, so it can be atomic).
+    sum_milli: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::with_bounds(&BUCKETS_MS)
+    }
 }
 
 impl Histogram {
+    fn with_bounds(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_milli: AtomicU64::new(0),
+        }
+    }
+
+    /// A histogram of batch sizes (rows per UNet call).
+    pub fn rows() -> Self {
+        Self::with_bounds(&BUCKETS_ROWS)
+    }
+
     /// Records one observation.
-    pub fn observe_ms(&self, ms: f64) {
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *bound {
+    pub fn observe(&self, value: f64) {
+        for (i, bound) in self.bounds.iter().enumerate() {
+            if value <= *bound {
                 self.buckets[i].fetch_add(1, Ordering::Relaxed);
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add((ms.max(0.0) * 1e3) as u64, Ordering::Relaxed);
+        self.sum_milli
+            .fetch_add((value.max(0.0) * 1e3) as u64, Ordering::Relaxed);
+    }
+
+    /// Records one observation in milliseconds.
+    pub fn observe_ms(&self, ms: f64) {
+        self.observe(ms)
     }
 
     /// Number of observations.
@@ -69,15 +98,20 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Sum of the observations.
+    pub fn sum(&self) -> f64 {
+        self.sum_milli.load(Ordering::Relaxed) as f64 / 1e3
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+        for (i, bound) in self.bounds.iter().enumerate() {
             let v = self.buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {v}");
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e3;
+        let sum = self.sum();
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
     }
 }
@@ -95,8 +129,16 @@ pub struct Metrics {
     pub callback_wait: Histogram,
     /// Replies answered with ReplyRejected.
     pub reply_rejections: AtomicU64,
-    /// Microseconds the worker spent running generations.
+    /// Microseconds the device loop spent computing (encode, steps, decode).
     pub busy_us: AtomicU64,
+    /// Rows in each UNet call (sessions' images, doubled under CFG).
+    pub unet_rows: Histogram,
+    /// Sessions live on the device (encoded and not yet finished).
+    pub sessions_live: AtomicU64,
+    /// Live sessions ready to step at the last tick.
+    pub sessions_ready: AtomicU64,
+    /// Live sessions waiting for their client's reply (or for it to read events).
+    pub sessions_waiting: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -109,6 +151,10 @@ impl Default for Metrics {
             callback_wait: Histogram::default(),
             reply_rejections: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            unet_rows: Histogram::rows(),
+            sessions_live: AtomicU64::new(0),
+            sessions_ready: AtomicU64::new(0),
+            sessions_waiting: AtomicU64::new(0),
         }
     }
 }
@@ -167,9 +213,37 @@ impl Metrics {
         let busy = self.busy_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(
             out,
-            "# HELP stepstream_worker_busy_seconds_total Time the device worker spent running generations.\n# TYPE stepstream_worker_busy_seconds_total counter\nstepstream_worker_busy_seconds_total {busy}\n# HELP stepstream_worker_busy_ratio Busy time over uptime of the device worker.\n# TYPE stepstream_worker_busy_ratio gauge\nstepstream_worker_busy_ratio {}",
+            "# HELP stepstream_worker_busy_seconds_total Time the device loop spent computing (encode, steps, decode).\n# TYPE stepstream_worker_busy_seconds_total counter\nstepstream_worker_busy_seconds_total {busy}\n# HELP stepstream_worker_busy_ratio Busy time over uptime of the device loop.\n# TYPE stepstream_worker_busy_ratio gauge\nstepstream_worker_busy_ratio {}",
             (busy / uptime).min(1.0)
         );
+        self.unet_rows.render(
+            &mut out,
+            "stepstream_unet_batch_rows",
+            "Rows per UNet call (each session's images, doubled under CFG).",
+        );
+        for (name, help, v) in [
+            (
+                "stepstream_sessions_live",
+                "Sessions live on the device.",
+                &self.sessions_live,
+            ),
+            (
+                "stepstream_sessions_ready",
+                "Live sessions ready to step at the last tick.",
+                &self.sessions_ready,
+            ),
+            (
+                "stepstream_sessions_waiting",
+                "Live sessions waiting for their client at the last tick.",
+                &self.sessions_waiting,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
@@ -219,6 +293,9 @@ mod tests {
             "stepstream_callback_wait_ms_bucket{le=\"0.5\"} 1",
             "stepstream_reply_rejections_total 0",
             "stepstream_worker_busy_ratio",
+            "stepstream_unet_batch_rows_bucket{le=\"1\"} 0",
+            "stepstream_sessions_live 0",
+            "stepstream_sessions_waiting 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

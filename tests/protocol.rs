@@ -323,11 +323,12 @@ async fn timeout_continue_goes_on_unchanged() {
     assert!(done.timings.unwrap().callback_wait_ms >= 4.0 * 30.0 * 0.9);
 }
 
-/// With one slot: a client that disconnects mid-run frees it at once for the next client.
+/// With one live place and no queue: a client that disconnects mid-run frees it at once for the next client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_mid_run_frees_the_slot_for_the_next_client() {
     let srv = server::start(Options {
         max_queue: 0,
+        max_sessions: 1,
         ..Default::default()
     })
     .await;
@@ -367,6 +368,7 @@ async fn disconnect_mid_run_frees_the_slot_for_the_next_client() {
 async fn half_close_cancels_the_generation() {
     let srv = server::start(Options {
         max_queue: 0,
+        max_sessions: 1,
         ..Default::default()
     })
     .await;
@@ -387,6 +389,7 @@ async fn half_close_cancels_the_generation() {
 async fn a_full_queue_is_resource_exhausted_and_queued_clients_run_in_turn() {
     let srv = server::start(Options {
         max_queue: 1,
+        max_sessions: 1,
         ..Default::default()
     })
     .await;

@@ -559,7 +559,8 @@ async fn malformed_input(srv: &TestServer, fig: &mut Figures) {
     );
 }
 
-/// ≥ 100 clients killed mid-step: each time the queued client behind starts at once.
+/// ≥ 100 clients killed mid-step: each time the queued client behind starts at once (on a
+/// server with one live place, so that B queues behind A).
 async fn killed_clients(srv: &TestServer, fig: &mut Figures) {
     let kills = 100;
     let mut latencies = Vec::with_capacity(kills);
@@ -697,11 +698,11 @@ async fn stalled_client(srv: &TestServer, fig: &mut Figures) {
     );
 }
 
-/// Beyond running + queue: RESOURCE_EXHAUSTED with a retry hint.
-async fn queue_overflow(srv: &TestServer, max_queue: usize, fig: &mut Figures) {
+/// Beyond live sessions + queue (`capacity` in all): RESOURCE_EXHAUSTED with a retry hint.
+async fn queue_overflow(srv: &TestServer, capacity: usize, fig: &mut Figures) {
     let mut c = srv.client().await;
     let mut held = Vec::new();
-    for _ in 0..=max_queue {
+    for _ in 0..capacity {
         held.push(Session::start(&mut c, blocking(3, &[])).await.unwrap());
     }
     let err = Session::start(&mut c, request(2))
@@ -726,10 +727,7 @@ async fn queue_overflow(srv: &TestServer, max_queue: usize, fig: &mut Figures) {
     }
     fig.add(
         "queue overflow",
-        format!(
-            "{} admitted, next RESOURCE_EXHAUSTED (grpc-retry-pushback-ms set)",
-            max_queue + 1
-        ),
+        format!("{capacity} admitted, next RESOURCE_EXHAUSTED (grpc-retry-pushback-ms set)"),
     );
 }
 
@@ -810,18 +808,25 @@ async fn load_run(srv: &TestServer, fig: &mut Figures) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reliability_suite() {
     let started = Instant::now();
-    let max_queue = 40;
+    let (max_sessions, max_queue) = (8, 40);
     let srv = server::start(Options {
         max_queue,
+        max_sessions,
         reply_timeout: Duration::from_secs(20),
         ..Default::default()
     })
     .await;
     let mut fig = Figures::default();
     malformed_input(&srv, &mut fig).await;
-    killed_clients(&srv, &mut fig).await;
+    let one_place = server::start(Options {
+        max_sessions: 1,
+        ..Default::default()
+    })
+    .await;
+    killed_clients(&one_place, &mut fig).await;
+    drop(one_place);
     stalled_client(&srv, &mut fig).await;
-    queue_overflow(&srv, max_queue, &mut fig).await;
+    queue_overflow(&srv, max_sessions + max_queue, &mut fig).await;
     memory_over_generations(&srv, &mut fig).await;
     load_run(&srv, &mut fig).await;
     let m = &srv.metrics;

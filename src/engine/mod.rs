@@ -1,10 +1,9 @@
-//! One worker thread per device owns the loaded models and runs one generation at a time from a
-//! bounded queue. Sessions talk to it through channels; at each subscribed step the worker sends
-//! a `StepEnd` and (unless observe-only) blocks, with a deadline, for the session's reply.
+//! One device loop per device owns the loaded models and every live session (see [`device`]):
+//! concurrent sessions share each UNet call, and a session waiting for its client's reply sits
+//! the tick out while the others step. Requests beyond `max_sessions` queue in FIFO order,
+//! bounded by `max_queue`. Sessions talk to the loop through channels that never block it.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -18,10 +17,13 @@ use crate::pipeline::{CallbackError, NoCallback, PipelineError};
 use crate::proto;
 use crate::schedulers::config::PredictionType;
 
-mod bridge;
+mod device;
+mod doorbell;
+mod live;
 mod slot;
 
-pub use bridge::Subscription;
+pub use doorbell::Doorbell;
+pub use live::Subscription;
 pub use slot::{CancelFlag, Slot, StopReason};
 
 /// Errors of a request's life in the engine (and of its validation); the server maps each to a
@@ -45,9 +47,9 @@ pub enum EngineError {
         available: Vec<String>,
     },
     /// The queue is full.
-    #[error("the generation queue is full ({capacity} running or waiting); retry later")]
+    #[error("the generation queue is full ({capacity} live or queued); retry later")]
     QueueFull {
-        /// Running plus waiting slots.
+        /// Live plus queued places.
         capacity: usize,
     },
     /// A reply did not come in time and the request said to abort.
@@ -85,7 +87,7 @@ pub enum EngineError {
     /// The client broke the session protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The server is shutting down or the worker is gone.
+    /// The server is shutting down or the device loop is gone.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// A bug or a failure inside the model code.
@@ -146,31 +148,72 @@ impl From<PipelineError> for EngineError {
 /// How the engine is set up.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// The device the worker runs on.
+    /// The device the loop runs on.
     pub device: Device,
     /// The compute dtype.
     pub dtype: DType,
     /// Models to load, `(id, files)`; the first is the default.
     pub models: Vec<(String, ModelSource)>,
-    /// Generations allowed to wait behind the running one.
+    /// Generations allowed to wait while `max_sessions` are live.
     pub max_queue: usize,
+    /// Sessions live on the device at once (stepping or waiting for their clients).
+    pub max_sessions: usize,
+    /// Rows in one UNet call (each session's images, doubled under CFG).
+    pub max_batch: usize,
     /// Reply deadline when a request sets none.
     pub default_reply_timeout: Duration,
     /// The largest tensor a client may send, in bytes.
     pub max_tensor_bytes: usize,
 }
 
-/// What the worker sends back to a session.
+impl EngineConfig {
+    /// The documented default `(max_sessions, max_batch)` for a device and dtype: on the CPU a
+    /// batch mostly saves per-call overhead, so 16 rows; on a GPU, 32 rows in f16/bf16 and 16 in
+    /// f32 (activation memory at SD 1.5 512² is about 0.2 GiB a row in f16). Live sessions cost
+    /// only their latents and conditioning while they wait, so 64 may be live everywhere.
+    pub fn default_capacity(device: &Device, dtype: DType) -> (usize, usize) {
+        match (device.is_cpu(), dtype) {
+            (true, _) => (64, 16),
+            (false, DType::F32) => (64, 16),
+            (false, _) => (64, 32),
+        }
+    }
+}
+
+/// What the device loop sends back to a session.
 pub type EngineEvent = Result<proto::ServerMessage, EngineError>;
+
+/// How a session ended when it did not complete: set by the device loop before it drops the
+/// event channel, so the stream can end with the status the session earned. Never blocks the
+/// loop (a client that reads nothing cannot hold the final error back).
+#[derive(Clone, Debug, Default)]
+pub struct Verdict(Arc<Mutex<Option<EngineError>>>);
+
+impl Verdict {
+    /// Records the error the session ended with (the first one wins).
+    pub fn set(&self, e: EngineError) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.is_none() {
+            *v = Some(e);
+        }
+    }
+
+    /// The error the session ended with, if it did not complete.
+    pub fn get(&self) -> Option<EngineError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// A session's end of a job: where events go and where replies come from.
 pub struct SessionLink {
-    /// Events to the client (Accepted, StepEnd, ReplyRejected, Completed) or the final error.
+    /// Events to the client (Accepted, StepEnd, ReplyRejected, Completed).
     pub events: mpsc::Sender<EngineEvent>,
     /// The client's replies, in arrival order; closed when the client is gone.
     pub replies: mpsc::Receiver<proto::StepReply>,
     /// Set when the client is gone.
     pub cancel: CancelFlag,
+    /// Set by the loop when the session ends with an error.
+    pub verdict: Verdict,
 }
 
 /// A request's input tensors as they came over the wire (headers checked, data not yet read).
@@ -185,7 +228,7 @@ pub struct RequestTensors {
 }
 
 impl RequestTensors {
-    /// Decodes the tensors into `params` (on the worker: tensor work stays off the async runtime).
+    /// Decodes the tensors into `params` (on the device loop: tensor work stays off the async runtime).
     fn decode_into(self, params: &mut GenerateParams, max_bytes: usize) -> Result<(), EngineError> {
         let decode = |field: &str, t: Option<proto::Tensor>| {
             t.map(|t| crate::tensor::decode(&t, max_bytes))
@@ -203,7 +246,7 @@ impl RequestTensors {
     }
 }
 
-/// One generation waiting for the worker.
+/// One generation waiting for the device loop.
 pub struct Job {
     /// The id reported to the client.
     pub request_id: String,
@@ -211,9 +254,9 @@ pub struct Job {
     pub model_index: usize,
     /// The validated request.
     pub params: GenerateParams,
-    /// Its input tensors, decoded on the worker.
+    /// Its input tensors, decoded on the device loop.
     pub tensors: RequestTensors,
-    /// Generations ahead of this one when it was admitted (reported in Accepted).
+    /// Its queue position when it was admitted (reported in Accepted).
     pub queue_position: u32,
     /// Callback subscription (`None`: no StepEnd at all).
     pub subscription: Option<Subscription>,
@@ -238,34 +281,55 @@ pub struct Engine {
     admission: Arc<slot::Admission>,
     metrics: Arc<Metrics>,
     models: Arc<Vec<proto::ModelInfo>>,
+    doorbell: Arc<Doorbell>,
 }
 
 impl Engine {
-    /// Starts the worker thread, loads every model on it and returns once they are ready
+    /// Starts the device loop's thread, loads every model on it and returns once they are ready
     /// (or with the load error, so a bad model fails at start).
     pub async fn start(config: EngineConfig) -> Result<Engine, ModelError> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
-        let handle = tokio::runtime::Handle::current();
         let worker_config = config.clone();
         let metrics = Metrics::new();
         let worker_metrics = metrics.clone();
+        let doorbell = Arc::new(Doorbell::default());
+        let worker_bell = doorbell.clone();
         std::thread::Builder::new()
-            .name(format!("stepstream-worker-{:?}", config.device.location()))
-            .spawn(move || worker(worker_config, handle, jobs_rx, ready_tx, worker_metrics))
+            .name(format!("stepstream-device-{:?}", config.device.location()))
+            .spawn(move || {
+                worker(
+                    worker_config,
+                    jobs_rx,
+                    ready_tx,
+                    worker_metrics,
+                    worker_bell,
+                )
+            })
             .map_err(|source| ModelError::Io {
-                path: "worker thread".into(),
+                path: "device thread".into(),
                 source,
             })?;
         let models = ready_rx
             .await
-            .map_err(|_| ModelError::Hub("the worker thread died while loading models".into()))??;
+            .map_err(|_| ModelError::Hub("the device thread died while loading models".into()))??;
         Ok(Engine {
             jobs: jobs_tx,
-            admission: slot::Admission::new(config.max_queue, metrics.clone()),
+            admission: slot::Admission::new(
+                config.max_sessions,
+                config.max_queue,
+                metrics.clone(),
+                doorbell.clone(),
+            ),
             metrics,
             models: Arc::new(models),
+            doorbell,
         })
+    }
+
+    /// The device loop's doorbell: ring it after handing the loop a reply or taking an event.
+    pub fn doorbell(&self) -> &Arc<Doorbell> {
+        &self.doorbell
     }
 
     /// The served models; the first is the default.
@@ -288,13 +352,13 @@ impl Engine {
             })
     }
 
-    /// Takes a running-or-waiting slot, or fails at once (`QueueFull`, or `Unavailable` while
-    /// draining); returns it with the number of generations ahead of it.
+    /// Takes a live-or-queued slot, or fails at once (`QueueFull`, or `Unavailable` while
+    /// draining); returns it with its queue position (0: it goes live at once).
     pub fn admit(&self) -> Result<(Arc<Slot>, usize), EngineError> {
         self.admission.admit()
     }
 
-    /// Generations running or waiting right now.
+    /// Generations live or queued right now.
     pub fn active(&self) -> usize {
         self.admission.active()
     }
@@ -314,11 +378,13 @@ impl Engine {
         &self.metrics
     }
 
-    /// Hands a job to the worker.
+    /// Hands a job to the device loop.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
         self.jobs
             .send(job)
-            .map_err(|_| EngineError::Unavailable("the worker thread has stopped".into()))
+            .map_err(|_| EngineError::Unavailable("the device thread has stopped".into()))?;
+        self.doorbell.ring();
+        Ok(())
     }
 }
 
@@ -357,10 +423,10 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
 
 fn worker(
     config: EngineConfig,
-    handle: tokio::runtime::Handle,
     jobs: std::sync::mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<Vec<proto::ModelInfo>, ModelError>>,
     metrics: Arc<Metrics>,
+    bell: Arc<Doorbell>,
 ) {
     // Check the fused kernels before any model uses them; one that disagrees with the f32
     // reference is switched off (logged) and the reference ops run instead.
@@ -404,197 +470,12 @@ fn worker(
     if ready.send(Ok(cards)).is_err() {
         return;
     }
-    while let Ok(job) = jobs.recv() {
-        let span = job.span.clone();
-        let _enter = span.enter();
-        if job.link.events.is_closed() {
-            job.slot.leave();
-        }
-        if !job.slot.start() {
-            tracing::info!(request_id = %job.request_id, "left while queued; dropped before running");
-            metrics.request(Outcome::Cancelled);
-            continue;
-        }
-        let events = job.link.events.clone();
-        let slot = job.slot.clone();
-        let busy_start = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_job(&models[job.model_index], &config, &handle, job, &metrics)
-        }));
-        slot.finish();
-        metrics
-            .busy_us
-            .fetch_add(busy_start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let result = match outcome {
-            Ok(r) => r,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic".into());
-                tracing::error!(error = %msg, "generation panicked");
-                Err(EngineError::Internal(format!("generation panicked: {msg}")))
-            }
-        };
-        metrics.request(match &result {
-            Ok(()) => Outcome::Completed,
-            Err(e) => e.outcome(),
-        });
-        if let Err(e) = result {
-            tracing::info!(error = %e, "generation ended with an error");
-            let _ = handle.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), events.send(Err(e))).await
-            });
-        }
-    }
+    device::run(&config, &models, jobs, &bell, &metrics);
 }
 
 fn warm_up(m: &StableDiffusionModel) -> Result<(), PipelineError> {
     let vsf = m.vae_scale_factor();
     let params = GenerateParams::text("", 1, vsf * 8, vsf * 8);
     sd::prepare(m, &params)?.run(&mut NoCallback)?;
-    Ok(())
-}
-
-fn run_job(
-    model: &StableDiffusionModel,
-    config: &EngineConfig,
-    handle: &tokio::runtime::Handle,
-    job: Job,
-    metrics: &Arc<Metrics>,
-) -> Result<(), EngineError> {
-    let Job {
-        request_id,
-        mut params,
-        tensors,
-        subscription,
-        return_latents,
-        mut link,
-        slot,
-        admitted,
-        deadline,
-        queue_position,
-        ..
-    } = job;
-    let queue_ms = admitted.elapsed().as_secs_f64() * 1e3;
-    tensors.decode_into(&mut params, config.max_tensor_bytes)?;
-    let prepared = sd::prepare(model, &params)?;
-    let timesteps = prepared.timesteps();
-    if let Some(sub) = &subscription {
-        if let Some(&bad) = sub
-            .step_indices
-            .iter()
-            .find(|&&i| i as usize >= timesteps.len())
-        {
-            return Err(EngineError::InvalidRequest {
-                field: "start.callback.step_indices".into(),
-                reason: format!(
-                    "step index {bad} is out of range: this request has {} timesteps (0..{})",
-                    timesteps.len(),
-                    timesteps.len()
-                ),
-            });
-        }
-    }
-    let wire = subscription
-        .as_ref()
-        .map(|s| s.wire_dtype)
-        .unwrap_or(proto::DType::DtypeF32);
-    let initial = prepared.callback_tensors();
-    let tensor_specs = subscription
-        .as_ref()
-        .map(|s| {
-            s.tensor_inputs
-                .iter()
-                .filter_map(|n| {
-                    initial.get(n).map(|t| proto::TensorSpec {
-                        name: n.clone(),
-                        dtype: wire as i32,
-                        shape: t.dims().iter().map(|&d| d as i64).collect(),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let accepted = proto::ServerMessage {
-        kind: Some(proto::server_message::Kind::Accepted(proto::Accepted {
-            request_id: request_id.clone(),
-            model: model.id.clone(),
-            seed: params.seed,
-            timesteps: timesteps.clone(),
-            callback_tensor_inputs: model
-                .callback_tensor_inputs()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            width: params.width as u32,
-            height: params.height as u32,
-            guidance_scale: params.guidance_scale as f32,
-            scheduler: prepared.scheduler_name().into(),
-            tensor_specs,
-            queue_position,
-        })),
-    };
-    let send_timeout = subscription
-        .as_ref()
-        .map(|s| s.reply_timeout)
-        .unwrap_or(config.default_reply_timeout);
-    bridge::send_event(handle, &link.events, Ok(accepted), send_timeout)?;
-
-    let output = match &subscription {
-        Some(sub) => {
-            let mut cb = bridge::SessionCallback::new(
-                &mut link,
-                sub,
-                handle,
-                config.max_tensor_bytes,
-                deadline,
-                metrics,
-            );
-            prepared.run(&mut cb)?
-        }
-        None => {
-            let mut cb = bridge::CancelOnly::new(&link, deadline, metrics);
-            prepared.run(&mut cb)?
-        }
-    };
-    let latents = if return_latents {
-        Some(
-            crate::tensor::encode(&output.latents, proto::DType::DtypeF32)
-                .map_err(|e| EngineError::Internal(e.to_string()))?,
-        )
-    } else {
-        None
-    };
-    let completed = proto::Completed {
-        images: output
-            .images
-            .into_iter()
-            .map(|i| proto::Image {
-                data: i.png,
-                mime_type: "image/png".into(),
-                width: i.width,
-                height: i.height,
-            })
-            .collect(),
-        latents,
-        interrupted: output.interrupted,
-        seed: params.seed,
-        request_id,
-        timings: Some(proto::Timings {
-            queue_ms,
-            encode_ms: output.timings.encode_ms,
-            denoise_ms: output.timings.denoise_ms,
-            callback_wait_ms: output.timings.callback_wait_ms,
-            decode_ms: output.timings.decode_ms,
-        }),
-    };
-    // Free the slot before the (possibly slow) final send: the GPU work is done.
-    slot.finish();
-    let msg = proto::ServerMessage {
-        kind: Some(proto::server_message::Kind::Completed(completed)),
-    };
-    bridge::send_event(handle, &link.events, Ok(msg), send_timeout)?;
     Ok(())
 }

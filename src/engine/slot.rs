@@ -1,6 +1,6 @@
-//! Admission: a semaphore of running-plus-waiting slots, queue positions, the registry of live
+//! Admission: a semaphore of live-plus-queued slots, queue positions, the registry of live
 //! generations (for shutdown), and each generation's slot, which a client leaving the queue
-//! frees at once, before the worker ever sees the job.
+//! frees at once, before the device loop ever sees the job.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::doorbell::Doorbell;
 use super::EngineError;
 use crate::metrics::Metrics;
 
@@ -56,31 +57,42 @@ impl CancelFlag {
 pub(crate) struct Admission {
     slots: Arc<Semaphore>,
     capacity: usize,
+    max_sessions: usize,
     waiting: AtomicUsize,
     running: AtomicUsize,
     draining: AtomicBool,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, CancelFlag>>,
     metrics: Arc<Metrics>,
+    doorbell: Arc<Doorbell>,
 }
 
 impl Admission {
-    /// `1 + max_queue` slots.
-    pub(crate) fn new(max_queue: usize, metrics: Arc<Metrics>) -> Arc<Admission> {
-        let capacity = 1 + max_queue;
+    /// `max_sessions + max_queue` slots: up to `max_sessions` live on the device, the rest queued.
+    pub(crate) fn new(
+        max_sessions: usize,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+        doorbell: Arc<Doorbell>,
+    ) -> Arc<Admission> {
+        let max_sessions = max_sessions.max(1);
+        let capacity = max_sessions + max_queue;
         Arc::new(Admission {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
+            max_sessions,
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             metrics,
+            doorbell,
         })
     }
 
-    /// Takes a slot or fails at once; returns it with the number of generations ahead of it.
+    /// Takes a slot or fails at once; returns it with its queue position: how many generations
+    /// must start or leave before it can go live (0: it goes live at once).
     pub(crate) fn admit(self: &Arc<Self>) -> Result<(Arc<Slot>, usize), EngineError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Unavailable(
@@ -94,8 +106,10 @@ impl Admission {
                 .map_err(|_| EngineError::QueueFull {
                     capacity: self.capacity,
                 })?;
-        let ahead =
+        let occupied =
             self.waiting.fetch_add(1, Ordering::SeqCst) + self.running.load(Ordering::SeqCst);
+        // With room for S live sessions, the (S+1)-th occupant waits for one of them.
+        let ahead = (occupied + 1).saturating_sub(self.max_sessions);
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancelFlag::default();
@@ -127,6 +141,7 @@ impl Admission {
         for flag in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
             flag.shutdown();
         }
+        self.doorbell.ring();
     }
 
     /// Free slots right now.
@@ -164,17 +179,22 @@ impl Slot {
         &self.cancel
     }
 
-    /// The client left: stop the generation; a queued one gives its slot back at once.
+    /// The client left: stop the generation; a queued one gives its slot back at once. Rings
+    /// the device loop so that a live session's rows leave at the next tick.
     pub fn leave(&self) {
         self.cancel.cancel();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(*state, SlotState::Queued(_)) {
-            *state = SlotState::Released;
-            self.admission.left_queue();
+        match *state {
+            SlotState::Queued(_) => {
+                *state = SlotState::Released;
+                self.admission.left_queue();
+            }
+            SlotState::Running(_) => self.admission.doorbell.ring(),
+            SlotState::Released => {}
         }
     }
 
-    /// The worker takes the job: false when it was released (or stopped) while queued.
+    /// The device loop takes the job live: false when it was released (or stopped) while queued.
     pub(crate) fn start(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match std::mem::replace(&mut *state, SlotState::Released) {
@@ -194,7 +214,7 @@ impl Slot {
         }
     }
 
-    /// The worker is done with the job: its slot is free again.
+    /// The device is done with the job: its slot is free again.
     pub(crate) fn finish(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let SlotState::Running(_) = std::mem::replace(&mut *state, SlotState::Released) {
@@ -221,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_queued_client_that_leaves_frees_its_slot_at_once() {
-        let a = Admission::new(1, Metrics::new());
+        let a = Admission::new(1, 1, Metrics::new(), Default::default());
         let (first, ahead) = a.admit().unwrap();
         assert_eq!(ahead, 0);
         assert!(first.start());
@@ -245,8 +265,27 @@ mod tests {
     }
 
     #[test]
+    fn queue_positions_count_from_the_last_live_place() {
+        let a = Admission::new(2, 2, Metrics::new(), Default::default());
+        let (first, ahead) = a.admit().unwrap();
+        assert_eq!(ahead, 0);
+        assert!(first.start());
+        let (second, ahead) = a.admit().unwrap();
+        assert_eq!(ahead, 0, "a second live place is free");
+        let (third, ahead) = a.admit().unwrap();
+        assert_eq!(ahead, 1, "waits for one of the two live sessions");
+        let (_fourth, ahead) = a.admit().unwrap();
+        assert_eq!(ahead, 2);
+        assert!(matches!(
+            a.admit(),
+            Err(EngineError::QueueFull { capacity: 4 })
+        ));
+        assert!(second.start() && third.start());
+    }
+
+    #[test]
     fn draining_refuses_new_work_and_abort_stops_live_work() {
-        let a = Admission::new(4, Metrics::new());
+        let a = Admission::new(1, 4, Metrics::new(), Default::default());
         let (slot, _) = a.admit().unwrap();
         a.begin_drain();
         assert!(matches!(a.admit(), Err(EngineError::Unavailable(_))));

@@ -124,18 +124,26 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// The time embedding (plus the `text_time` embedding) for a batch of `b`, in `dtype`.
+    /// The time embedding (plus the `text_time` embedding) for a batch of `b` rows, each with its
+    /// own timestep, in `dtype`.
     fn embedding(
         &self,
-        timestep: f64,
+        timesteps: &[f64],
         b: usize,
         dtype: DType,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let device = self.conv_in.weight().device();
-        // diffusers: timesteps.expand(batch), sinusoidal embedding in float32, then cast to the sample's dtype.
-        let t = vec![timestep as f32; b];
+        // diffusers: timesteps.expand(batch), sinusoidal embedding in float32, then cast to the
+        // sample's dtype. Rows of a batched step carry their own sessions' timesteps.
+        if timesteps.len() != b {
+            return Err(invalid_input(format!(
+                "{} timesteps for a batch of {b} rows",
+                timesteps.len()
+            )));
+        }
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
         let t_emb = timestep_embedding(
             &t,
             cfg.block_out_channels[0],
@@ -189,6 +197,19 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        let b = sample.dims().first().copied().unwrap_or(0);
+        self.forward_rows(sample, &vec![timestep; b], encoder_hidden_states, added)
+    }
+
+    /// [`UNet::forward`] with one timestep per row: the batched step of several sessions, each
+    /// at its own point of its own schedule. Every row is computed as it would be alone.
+    pub fn forward_rows(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, c, h, w) = sample.dims4()?;
         if c != cfg.in_channels {
@@ -207,7 +228,7 @@ impl UNet2DConditionModel {
         let factor = cfg.overall_up_factor();
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
-        let emb = self.embedding(timestep, b, dtype, added)?;
+        let emb = self.embedding(timesteps, b, dtype, added)?;
         let x = if cfg.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {

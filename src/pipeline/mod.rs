@@ -10,6 +10,9 @@ use crate::models::ModelError;
 use crate::schedulers::SchedulerError;
 
 pub mod sd;
+pub mod session;
+
+pub use session::{decode_batch, step_batch, BatchKey, Session};
 
 /// Errors that end a generation.
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
+use super::session::{Session, SessionParts};
+use super::PipelineError;
 use crate::models::pipeline_model::StableDiffusionModel;
-use crate::rng::{NoiseGenerator, NoiseSource};
-use crate::schedulers::{self, Scheduler, SchedulerOptions};
+use crate::rng::NoiseGenerator;
+use crate::schedulers::{self, SchedulerOptions};
 
 /// A validated generation request, in pipeline terms.
 #[derive(Clone, Debug)]
@@ -105,22 +106,8 @@ pub struct GenerationOutput {
     pub timings: Timings,
 }
 
-/// A generation whose prompt is encoded and whose scheduler and latents are ready.
-pub struct Prepared<'m> {
-    model: &'m StableDiffusionModel,
-    scheduler: Box<dyn Scheduler>,
-    noise: Box<dyn NoiseSource + Send>,
-    latents: Tensor,
-    prompt_embeds: Tensor,
-    negative_prompt_embeds: Option<Tensor>,
-    add_text_embeds: Option<Tensor>,
-    add_time_ids: Option<Tensor>,
-    guidance_scale: f64,
-    guidance_rescale: f64,
-    batch: usize,
-    decode: bool,
-    encode_ms: f64,
-}
+/// A prepared generation: the resumable [`Session`] that `prepare` returns.
+pub type Prepared<'m> = Session<'m>;
 
 fn invalid(field: &str, reason: impl Into<String>) -> PipelineError {
     PipelineError::InvalidRequest {
@@ -197,7 +184,11 @@ fn repeat_per_prompt(t: &Tensor, n: usize) -> Result<Tensor, PipelineError> {
 }
 
 /// diffusers' `rescale_noise_cfg`: rescales the guided prediction to the conditional one's std.
-fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, rescale: f64) -> Result<Tensor, PipelineError> {
+pub(super) fn rescale_noise_cfg(
+    cfg: &Tensor,
+    text: &Tensor,
+    rescale: f64,
+) -> Result<Tensor, PipelineError> {
     let std = |t: &Tensor| -> candle_core::Result<Tensor> {
         // torch.std over all dims but the batch, unbiased.
         let b = t.dim(0)?;
@@ -222,7 +213,7 @@ fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, rescale: f64) -> Result<Tensor
 pub fn prepare<'m>(
     model: &'m StableDiffusionModel,
     params: &GenerateParams,
-) -> Result<Prepared<'m>, PipelineError> {
+) -> Result<Session<'m>, PipelineError> {
     let device = &model.device;
     let vsf = model.vae_scale_factor();
     if params.width == 0
@@ -389,7 +380,7 @@ pub fn prepare<'m>(
         }
     };
     let latents = (latents * scheduler.init_noise_sigma())?;
-    Ok(Prepared {
+    Ok(Session::new(SessionParts {
         model,
         scheduler,
         noise: Box::new(noise),
@@ -403,190 +394,7 @@ pub fn prepare<'m>(
         batch,
         decode: params.decode,
         encode_ms,
-    })
-}
-
-impl Prepared<'_> {
-    /// The scheduler's timesteps, in loop order.
-    pub fn timesteps(&self) -> Vec<f64> {
-        self.scheduler.timesteps().to_vec()
-    }
-
-    /// Replaces the sampler noise source (by default the request seed's generator, continuing
-    /// after the initial latents); tests use it to replay noise recorded from diffusers.
-    pub fn set_noise_source(&mut self, noise: Box<dyn NoiseSource + Send>) {
-        self.noise = noise;
-    }
-
-    /// The name of the scheduler in use.
-    pub fn scheduler_name(&self) -> &'static str {
-        self.scheduler.name()
-    }
-
-    /// The callback tensors as they stand before step 0 (names, shapes).
-    pub fn callback_tensors(&self) -> CallbackTensors {
-        let mut m = CallbackTensors::new();
-        m.insert("latents".into(), self.latents.clone());
-        m.insert("prompt_embeds".into(), self.prompt_embeds.clone());
-        if let Some(n) = &self.negative_prompt_embeds {
-            m.insert("negative_prompt_embeds".into(), n.clone());
-        }
-        if let Some(t) = &self.add_text_embeds {
-            m.insert("add_text_embeds".into(), t.clone());
-        }
-        if let Some(t) = &self.add_time_ids {
-            m.insert("add_time_ids".into(), t.clone());
-        }
-        m
-    }
-
-    /// Runs the denoising loop, calling `callback` after each step, then decodes.
-    pub fn run(
-        mut self,
-        callback: &mut dyn StepCallback,
-    ) -> Result<GenerationOutput, PipelineError> {
-        let model = self.model;
-        let timesteps = self.timesteps();
-        let num_timesteps = timesteps.len();
-        let mut timings = Timings {
-            encode_ms: self.encode_ms,
-            ..Timings::default()
-        };
-        let loop_start = Instant::now();
-        let mut interrupted = false;
-        let mut cond = self.compute_conditions()?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            if interrupted {
-                continue;
-            }
-            if let Some(stop) = callback.interruption() {
-                return Err(stop.into());
-            }
-            let step_start = Instant::now();
-            let cfg = self.guidance_scale > 1.0 && model.unet_config.time_cond_proj_dim.is_none();
-            let x = if cfg {
-                Tensor::cat(&[&self.latents, &self.latents], 0)?
-            } else {
-                self.latents.clone()
-            };
-            let x = self.scheduler.scale_model_input(&x, i)?;
-            let eps = model
-                .unet
-                .forward(&x.to_dtype(model.dtype)?, t, &cond.0, cond.1.as_ref())?
-                .to_dtype(DType::F32)?;
-            let eps = if cfg {
-                let b = self.latents.dim(0)?;
-                let uncond = eps.narrow(0, 0, b)?;
-                let text = eps.narrow(0, b, b)?;
-                let guided = (&uncond + ((&text - &uncond)? * self.guidance_scale)?)?;
-                if self.guidance_rescale > 0.0 {
-                    rescale_noise_cfg(&guided, &text, self.guidance_rescale)?
-                } else {
-                    guided
-                }
-            } else {
-                eps
-            };
-            self.latents = self
-                .scheduler
-                .step(&eps, i, &self.latents, self.noise.as_mut())?;
-            let wanted = callback.wants(i);
-            if wanted && !model.device.is_cpu() {
-                // The one device synchronisation of a step with a callback: the step's kernels
-                // finish here, so the step time is the device's and the callback time is the
-                // callback's. Steps without a callback stay asynchronous.
-                model.device.synchronize()?;
-            }
-            callback.step_finished(step_start.elapsed().as_secs_f64() * 1e3);
-            if wanted {
-                let tensors = self.callback_tensors();
-                let state = StepState {
-                    step_index: i,
-                    timestep: t,
-                    num_timesteps,
-                    guidance_scale: self.guidance_scale,
-                    do_classifier_free_guidance: cfg,
-                    tensors: &tensors,
-                    step_ms: step_start.elapsed().as_secs_f64() * 1e3,
-                    batch: self.batch,
-                };
-                let wait_start = Instant::now();
-                let control = callback.on_step_end(&state)?;
-                timings.callback_wait_ms += wait_start.elapsed().as_secs_f64() * 1e3;
-                interrupted |= control.interrupt;
-                if self.apply(control)? {
-                    cond = self.compute_conditions()?;
-                }
-            }
-        }
-        timings.denoise_ms = loop_start.elapsed().as_secs_f64() * 1e3;
-
-        let decode_start = Instant::now();
-        let images = if self.decode {
-            decode_images(model, &self.latents)?
-        } else {
-            Vec::new()
-        };
-        timings.decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
-        Ok(GenerationOutput {
-            images,
-            latents: self.latents,
-            interrupted,
-            timings,
-        })
-    }
-}
-
-impl Prepared<'_> {
-    /// The UNet's conditioning in the compute dtype: prompt embeddings and SDXL's added conditions.
-    fn compute_conditions(
-        &self,
-    ) -> Result<(Tensor, Option<crate::models::unet::AddedConditions>), PipelineError> {
-        let dtype = self.model.dtype;
-        let added = match (&self.add_text_embeds, &self.add_time_ids) {
-            (Some(text), Some(time)) => Some(crate::models::unet::AddedConditions {
-                text_embeds: text.to_dtype(dtype)?,
-                time_ids: time.to_dtype(dtype)?,
-            }),
-            _ => None,
-        };
-        Ok((self.prompt_embeds.to_dtype(dtype)?, added))
-    }
-
-    /// Applies a validated control; returns whether the UNet's conditioning changed.
-    fn apply(&mut self, control: StepControl) -> Result<bool, PipelineError> {
-        if let Some(g) = control.guidance_scale {
-            self.guidance_scale = g;
-        }
-        let mut embeds_changed = false;
-        for (name, t) in control.tensors {
-            let t = t.to_dtype(DType::F32)?.to_device(&self.model.device)?;
-            match name.as_str() {
-                "latents" => self.latents = t,
-                "prompt_embeds" => {
-                    self.prompt_embeds = t;
-                    embeds_changed = true;
-                }
-                // Kept for later callbacks to read; like diffusers, the loop itself only uses prompt_embeds.
-                "negative_prompt_embeds" => self.negative_prompt_embeds = Some(t),
-                "add_text_embeds" => {
-                    self.add_text_embeds = Some(t);
-                    embeds_changed = true;
-                }
-                "add_time_ids" => {
-                    self.add_time_ids = Some(t);
-                    embeds_changed = true;
-                }
-                other => {
-                    return Err(PipelineError::InvalidRequest {
-                        field: format!("tensors[{other}]"),
-                        reason: "not a callback tensor of this pipeline".into(),
-                    })
-                }
-            }
-        }
-        Ok(embeds_changed)
-    }
+    }))
 }
 
 /// VAE-decodes latents and encodes each image as PNG, the way diffusers' `output_type="pil"` does:

@@ -11,14 +11,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::validation::{self, Limits};
-use crate::engine::{Engine, EngineError, EngineEvent, Job, SessionLink, Slot};
+use crate::engine::{Doorbell, Engine, EngineError, EngineEvent, Job, SessionLink, Slot, Verdict};
 use crate::proto;
 use crate::proto::diffusion_server::Diffusion;
 use crate::proto::{client_message, server_message};
 
-/// Events buffered towards one client before the worker waits.
+/// Events buffered towards one client; past that the session sits out ticks until the client
+/// reads (the device loop never waits for it).
 const EVENT_BUFFER: usize = 4;
-/// Replies buffered towards the worker before the session refuses more.
+/// Replies buffered towards the device loop before the session refuses more.
 const REPLY_BUFFER: usize = 8;
 
 /// The service implementation.
@@ -34,6 +35,8 @@ struct Started {
     events: mpsc::Receiver<EngineEvent>,
     replies: mpsc::Sender<proto::StepReply>,
     slot: Arc<Slot>,
+    verdict: Verdict,
+    doorbell: Arc<Doorbell>,
     observe_only: bool,
 }
 
@@ -111,6 +114,7 @@ impl DiffusionService {
         });
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let (replies_tx, replies_rx) = mpsc::channel(REPLY_BUFFER);
+        let verdict = Verdict::default();
         if ahead > 0 {
             // Capacity is fresh: this cannot fail or block.
             let _ = events_tx.try_send(Ok(proto::ServerMessage {
@@ -131,6 +135,7 @@ impl DiffusionService {
                 events: events_tx,
                 replies: replies_rx,
                 cancel: slot.cancel_flag().clone(),
+                verdict: verdict.clone(),
             },
             slot: slot.clone(),
             admitted: started_at,
@@ -141,6 +146,8 @@ impl DiffusionService {
             events: events_rx,
             replies: replies_tx,
             slot,
+            verdict,
+            doorbell: self.engine.doorbell().clone(),
             observe_only,
         })
     }
@@ -155,13 +162,30 @@ impl Drop for LeaveOnDrop {
     }
 }
 
+/// How a stream ends when the engine's events stop without Completed: the verdict the device
+/// loop recorded, else the client's own departure, else an internal error. So every stream ends
+/// with Completed and OK, or with a non-OK status that says why: never OK without a result.
+fn unfinished(verdict: &Verdict, slot: &Slot) -> EngineError {
+    verdict
+        .get()
+        .unwrap_or_else(|| match slot.cancel_flag().reason() {
+            Some(crate::engine::StopReason::ClientGone) => EngineError::Cancelled,
+            Some(crate::engine::StopReason::Shutdown) => {
+                EngineError::Unavailable("the server is shutting down".into())
+            }
+            None => EngineError::Internal("the generation ended without a result".into()),
+        })
+}
+
 /// A session's response stream: engine events merged with session notices (observe-only
 /// replies, protocol errors), engine events first. It ends after Completed or the first error;
 /// the client going away drops it, which leaves the slot and so cancels the job.
 struct SessionStream {
     events: mpsc::Receiver<EngineEvent>,
     notices: mpsc::Receiver<EngineEvent>,
-    _slot: LeaveOnDrop,
+    verdict: Verdict,
+    doorbell: Arc<Doorbell>,
+    slot: LeaveOnDrop,
     done: bool,
 }
 
@@ -174,10 +198,15 @@ impl Stream for SessionStream {
             return Poll::Ready(None);
         }
         let event = match this.events.poll_recv(cx) {
-            Poll::Ready(Some(event)) => event,
+            Poll::Ready(Some(event)) => {
+                // Room for the next event: a session that sat out ticks for it may step again.
+                this.doorbell.ring();
+                event
+            }
             Poll::Ready(None) => {
                 this.done = true;
-                return Poll::Ready(None);
+                let e = unfinished(&this.verdict, &this.slot.0);
+                return Poll::Ready(Some(Err(Status::from(e))));
             }
             // A closed notice channel just means no more notices; the events decide the end.
             Poll::Pending => match this.notices.poll_recv(cx) {
@@ -247,6 +276,8 @@ impl Diffusion for DiffusionService {
             events,
             replies,
             slot,
+            verdict,
+            doorbell,
             observe_only,
         } = self.start(start, timeout)?;
 
@@ -254,6 +285,7 @@ impl Diffusion for DiffusionService {
         // cancels the job. Runs until the client is done or the job is.
         let (notice_tx, notice_rx) = mpsc::channel::<EngineEvent>(1);
         let inbound_slot = slot.clone();
+        let inbound_bell = doorbell.clone();
         tokio::spawn(
             async move {
                 loop {
@@ -271,6 +303,8 @@ impl Diffusion for DiffusionService {
                                     )))).await;
                                     break;
                                 }
+                                // The loop takes replies without waiting; wake it if it sleeps.
+                                inbound_bell.ring();
                             }
                             Ok(Some(_)) => {
                                 let _ = notice_tx.send(Err(EngineError::Protocol(
@@ -293,7 +327,9 @@ impl Diffusion for DiffusionService {
         Ok(Response::new(Box::pin(SessionStream {
             events,
             notices: notice_rx,
-            _slot: LeaveOnDrop(slot),
+            verdict,
+            doorbell,
+            slot: LeaveOnDrop(slot),
             done: false,
         })))
     }
@@ -306,10 +342,15 @@ impl Diffusion for DiffusionService {
         let mut req = request.into_inner();
         req.callback = None;
         let Started {
-            mut events, slot, ..
+            mut events,
+            slot,
+            verdict,
+            doorbell,
+            ..
         } = self.start(req, timeout)?;
-        let _guard = LeaveOnDrop(slot);
+        let guard = LeaveOnDrop(slot);
         while let Some(ev) = events.recv().await {
+            doorbell.ring();
             match ev? {
                 proto::ServerMessage {
                     kind: Some(server_message::Kind::Completed(c)),
@@ -317,7 +358,7 @@ impl Diffusion for DiffusionService {
                 _ => continue,
             }
         }
-        Err(EngineError::Internal("the generation ended without a result".into()).into())
+        Err(unfinished(&verdict, &guard.0).into())
     }
 
     async fn list_models(

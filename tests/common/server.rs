@@ -14,8 +14,12 @@ use tonic::transport::Channel;
 /// How to set up a test server.
 #[derive(Clone)]
 pub struct Options {
-    /// Generations allowed to wait behind the running one.
+    /// Generations allowed to queue while `max_sessions` are live.
     pub max_queue: usize,
+    /// Sessions live at once.
+    pub max_sessions: usize,
+    /// Rows per UNet call.
+    pub max_batch: usize,
     /// Default reply deadline.
     pub reply_timeout: Duration,
     /// Models to serve (default: the tiny SD 1.5 fixture folder).
@@ -28,6 +32,8 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             max_queue: 4,
+            max_sessions: 8,
+            max_batch: 16,
             config: ServerConfig::default(),
             reply_timeout: Duration::from_secs(20),
             models: vec![(
@@ -100,6 +106,8 @@ pub async fn start(opts: Options) -> TestServer {
         dtype: DType::F32,
         models: opts.models,
         max_queue: opts.max_queue,
+        max_sessions: opts.max_sessions,
+        max_batch: opts.max_batch,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })

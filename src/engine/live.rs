@@ -1,0 +1,470 @@
+//! One live session on the device loop: its pipeline [`Session`], its client's channels, its
+//! subscription and deadlines, and where it stands (ready to step, waiting for its client,
+//! ready to decode, done). Every method returns at once: the loop polls sessions, it never
+//! waits on one.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
+
+use super::{EngineError, SessionLink, Slot, StopReason};
+use crate::metrics::Metrics;
+use crate::pipeline::sd::GenerationOutput;
+use crate::pipeline::{validate_control, Session, StepControl, StepState};
+use crate::proto;
+use crate::proto::server_message::Kind;
+
+/// What a session subscribed to (the validated `CallbackOptions`).
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    /// Tensors sent with each StepEnd and replaceable in replies.
+    pub tensor_inputs: Vec<String>,
+    /// Explicit steps (sorted, unique); empty means every `every`-th step.
+    pub step_indices: Vec<u32>,
+    /// Report every `every`-th step when `step_indices` is empty (0 and 1: every step).
+    pub every: u32,
+    /// Events only; never wait for replies.
+    pub observe_only: bool,
+    /// Deadline of each reply wait.
+    pub reply_timeout: Duration,
+    /// What to do when the deadline passes.
+    pub on_timeout: proto::TimeoutAction,
+    /// Dtype of tensors sent to the client.
+    pub wire_dtype: proto::DType,
+}
+
+impl Subscription {
+    /// Whether step `i` produces a StepEnd.
+    pub fn wants(&self, i: usize) -> bool {
+        if !self.step_indices.is_empty() {
+            return self.step_indices.binary_search(&(i as u32)).is_ok();
+        }
+        self.every <= 1 || i % self.every as usize == 0
+    }
+}
+
+/// Where a live session stands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Phase {
+    /// Steps at the next tick (once its events are delivered).
+    Ready,
+    /// Sent the StepEnd of `step_index` and waits for the reply until `until`.
+    Waiting {
+        /// The step the reply answers.
+        step_index: usize,
+        /// When the wait began.
+        since: Instant,
+        /// When the reply deadline passes.
+        until: Instant,
+    },
+    /// The loop is over; decodes at the next tick.
+    Decode,
+    /// Completed is queued; the session leaves once its events are delivered.
+    Done,
+}
+
+/// The fixed facts of a live session, from its job.
+pub(super) struct Meta {
+    pub(super) request_id: String,
+    pub(super) seed: u64,
+    pub(super) return_latents: bool,
+    pub(super) queue_ms: f64,
+    pub(super) deadline: Option<(Instant, Duration)>,
+    pub(super) span: tracing::Span,
+    pub(super) slot: Arc<Slot>,
+    /// How long an event may sit undelivered before the client counts as stalled.
+    pub(super) stall_timeout: Duration,
+    pub(super) max_tensor_bytes: usize,
+}
+
+/// One session on the device loop; see the module docs.
+pub(super) struct Live<'m> {
+    pub(super) meta: Meta,
+    pub(super) session: Option<Session<'m>>,
+    pub(super) sub: Option<Subscription>,
+    pub(super) link: SessionLink,
+    pub(super) phase: Phase,
+    outbox: VecDeque<proto::ServerMessage>,
+    blocked_since: Option<Instant>,
+    failed: bool,
+}
+
+impl<'m> Live<'m> {
+    /// A session that has just been prepared; `accepted` is its first event.
+    pub(super) fn new(
+        meta: Meta,
+        session: Session<'m>,
+        sub: Option<Subscription>,
+        link: SessionLink,
+        accepted: Kind,
+    ) -> Self {
+        let phase = if session.is_done() {
+            Phase::Decode
+        } else {
+            Phase::Ready
+        };
+        Self {
+            meta,
+            session: Some(session),
+            sub,
+            link,
+            phase,
+            outbox: VecDeque::from([proto::ServerMessage {
+                kind: Some(accepted),
+            }]),
+            blocked_since: None,
+            failed: false,
+        }
+    }
+
+    /// Ends the session after an error (already reported through the link's verdict): its
+    /// tensors and undelivered events are dropped at once.
+    pub(super) fn abandon(&mut self) {
+        self.session = None;
+        self.sub = None;
+        self.outbox.clear();
+        self.blocked_since = None;
+        self.phase = Phase::Done;
+        self.failed = true;
+    }
+
+    /// Whether it ended with an error.
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Steps at this tick: ready, and every event so far delivered (a client that does not
+    /// read its events does not run ahead of them).
+    pub(super) fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready && self.outbox.is_empty()
+    }
+
+    /// Waiting for its client: a reply, or room for its events.
+    pub(super) fn is_waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. })
+            || (!self.outbox.is_empty() && self.phase != Phase::Done)
+    }
+
+    /// Done and every event delivered: the loop drops it.
+    pub(super) fn is_finished(&self) -> bool {
+        self.phase == Phase::Done && self.outbox.is_empty()
+    }
+
+    /// The earliest moment this session needs the loop without any ring: a reply deadline, the
+    /// generation deadline or the stall deadline.
+    pub(super) fn next_wake(&self) -> Option<Instant> {
+        let mut at: Option<Instant> = None;
+        let mut take = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
+        if let Phase::Waiting { until, .. } = self.phase {
+            take(until);
+        }
+        if self.phase != Phase::Done {
+            if let Some((d, _)) = self.meta.deadline {
+                take(d);
+            }
+        }
+        if let Some(since) = self.blocked_since {
+            take(since + self.meta.stall_timeout);
+        }
+        at
+    }
+
+    /// Why this session must end now, if it must: its client left, the server is stopping, or
+    /// its whole-generation deadline passed. A done session only delivers its last events.
+    fn stop_reason(&self, now: Instant) -> Option<EngineError> {
+        match self.link.cancel.reason() {
+            Some(StopReason::Shutdown) if self.phase != Phase::Done => {
+                return Some(EngineError::Unavailable(
+                    "the server is shutting down; the generation was stopped".into(),
+                ))
+            }
+            Some(StopReason::ClientGone) => return Some(EngineError::Cancelled),
+            _ => {}
+        }
+        if self.link.events.is_closed() {
+            return Some(EngineError::Cancelled);
+        }
+        match self.meta.deadline {
+            Some((at, timeout)) if now >= at && self.phase != Phase::Done => {
+                Some(EngineError::DeadlineExceeded {
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues an event for the client.
+    pub(super) fn push(&mut self, kind: Kind) {
+        self.outbox
+            .push_back(proto::ServerMessage { kind: Some(kind) });
+    }
+
+    /// Hands queued events to the client's stream without waiting; a stream that has taken
+    /// nothing for the stall timeout ends the session.
+    pub(super) fn flush(&mut self, now: Instant) -> Result<(), EngineError> {
+        while let Some(msg) = self.outbox.pop_front() {
+            match self.link.events.try_send(Ok(msg)) {
+                Ok(()) => self.blocked_since = None,
+                Err(TrySendError::Full(Ok(msg))) => {
+                    self.outbox.push_front(msg);
+                    let since = *self.blocked_since.get_or_insert(now);
+                    if now.duration_since(since) >= self.meta.stall_timeout {
+                        return Err(EngineError::ClientStalled {
+                            timeout_ms: self.meta.stall_timeout.as_millis() as u64,
+                        });
+                    }
+                    return Ok(());
+                }
+                Err(TrySendError::Full(Err(_)) | TrySendError::Closed(_)) => {
+                    return Err(EngineError::Cancelled)
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One poll at the start of a tick: stop reasons, event delivery, and (while waiting) the
+    /// replies that arrived and the reply deadline.
+    pub(super) fn poll(&mut self, now: Instant, metrics: &Metrics) -> Result<(), EngineError> {
+        if let Some(stop) = self.stop_reason(now) {
+            return Err(stop);
+        }
+        self.flush(now)?;
+        let Phase::Waiting {
+            step_index,
+            since,
+            until,
+        } = self.phase
+        else {
+            return Ok(());
+        };
+        loop {
+            match self.link.replies.try_recv() {
+                Ok(reply) => match self.check(reply) {
+                    Ok(control) => {
+                        self.resume(now, since, Some(control), metrics)?;
+                        return Ok(());
+                    }
+                    Err((field, reason)) => {
+                        tracing::debug!(step_index, %field, %reason, "reply rejected");
+                        metrics.reply_rejections.fetch_add(1, Ordering::Relaxed);
+                        self.push(Kind::ReplyRejected(proto::ReplyRejected {
+                            step_index: step_index as u32,
+                            field,
+                            reason,
+                        }));
+                        self.flush(now)?;
+                    }
+                },
+                Err(TryRecvError::Disconnected) => return Err(EngineError::Cancelled),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if now >= until {
+            let on_timeout = self.sub.as_ref().map(|s| s.on_timeout);
+            let timeout = self
+                .sub
+                .as_ref()
+                .map(|s| s.reply_timeout)
+                .unwrap_or_default();
+            if on_timeout == Some(proto::TimeoutAction::Continue) {
+                tracing::info!(step_index, "reply deadline passed; continuing unchanged");
+                self.resume(now, since, None, metrics)?;
+            } else {
+                return Err(EngineError::ReplyTimeout {
+                    step_index,
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The wait is over: apply the reply (if any) and go on stepping, or decode.
+    fn resume(
+        &mut self,
+        now: Instant,
+        since: Instant,
+        control: Option<StepControl>,
+        metrics: &Metrics,
+    ) -> Result<(), EngineError> {
+        let waited_ms = now.duration_since(since).as_secs_f64() * 1e3;
+        metrics.callback_wait.observe_ms(waited_ms);
+        let session = self.session_mut()?;
+        session.add_callback_wait(waited_ms);
+        if let Some(control) = control {
+            session.apply(control).map_err(EngineError::from)?;
+        }
+        self.phase = if session.is_done() {
+            Phase::Decode
+        } else {
+            Phase::Ready
+        };
+        Ok(())
+    }
+
+    fn session_mut(&mut self) -> Result<&mut Session<'m>, EngineError> {
+        self.session
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("the session has already finished".into()))
+    }
+
+    /// Turns a wire reply into a control, or the (field, reason) to reject it with.
+    fn check(&self, reply: proto::StepReply) -> Result<StepControl, (String, String)> {
+        let (Some(session), Some(sub)) = (&self.session, &self.sub) else {
+            return Err(("reply".into(), "no reply is expected".into()));
+        };
+        let tensors = session.callback_tensors();
+        let Some(state) = session.step_state(&tensors) else {
+            return Err(("step_index".into(), "no step has run yet".into()));
+        };
+        if reply.step_index as usize != state.step_index {
+            return Err((
+                "step_index".into(),
+                format!(
+                    "the server is waiting on step {}, not {}",
+                    state.step_index, reply.step_index
+                ),
+            ));
+        }
+        let mut replaced = Vec::with_capacity(reply.tensors.len());
+        let mut names: Vec<&String> = reply.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let field = format!("tensors[{name}]");
+            if !sub.tensor_inputs.iter().any(|n| n == name) {
+                return Err((
+                    field,
+                    format!(
+                        "not in this request's tensor_inputs [{}]",
+                        sub.tensor_inputs.join(", ")
+                    ),
+                ));
+            }
+            let t = crate::tensor::decode(&reply.tensors[name], self.meta.max_tensor_bytes)
+                .map_err(|e| (field.clone(), e.to_string()))?;
+            replaced.push((name.clone(), t));
+        }
+        let control = StepControl {
+            guidance_scale: reply.guidance_scale.map(f64::from),
+            tensors: replaced,
+            interrupt: reply.interrupt,
+        };
+        validate_control(&state, &sub.tensor_inputs, &control).map_err(|r| (r.field, r.reason))?;
+        Ok(control)
+    }
+
+    /// After this session's step: its StepEnd when subscribed (then a wait, unless observe-only),
+    /// or straight on; decode once the loop is over.
+    pub(super) fn after_step(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<(), EngineError> {
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("a finished session was stepped".into()))?;
+        let tensors = session.callback_tensors();
+        let state = session
+            .step_state(&tensors)
+            .ok_or_else(|| EngineError::Internal("no step state after a step".into()))?;
+        metrics.step_latency.observe_ms(state.step_ms);
+        let done = session.is_done();
+        let mut next = if done { Phase::Decode } else { Phase::Ready };
+        if let Some(sub) = &self.sub {
+            if sub.wants(state.step_index) {
+                let step_end = step_end(&state, sub)?;
+                if !sub.observe_only {
+                    next = Phase::Waiting {
+                        step_index: state.step_index,
+                        since: now,
+                        until: now + sub.reply_timeout,
+                    };
+                }
+                self.push(Kind::StepEnd(step_end));
+            }
+        }
+        self.phase = next;
+        self.flush(now)
+    }
+
+    /// Takes the session out for decoding (the phase must be [`Phase::Decode`]).
+    pub(super) fn take_for_decode(&mut self) -> Option<Session<'m>> {
+        if self.phase == Phase::Decode {
+            self.session.take()
+        } else {
+            None
+        }
+    }
+
+    /// Queues Completed for a decoded session; its device work is over, so its slot is freed.
+    pub(super) fn complete(
+        &mut self,
+        output: GenerationOutput,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let latents = if self.meta.return_latents {
+            Some(
+                crate::tensor::encode(&output.latents, proto::DType::DtypeF32)
+                    .map_err(|e| EngineError::Internal(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let t = &output.timings;
+        let completed = proto::Completed {
+            images: output
+                .images
+                .into_iter()
+                .map(|i| proto::Image {
+                    data: i.png,
+                    mime_type: "image/png".into(),
+                    width: i.width,
+                    height: i.height,
+                })
+                .collect(),
+            latents,
+            interrupted: output.interrupted,
+            seed: self.meta.seed,
+            request_id: self.meta.request_id.clone(),
+            timings: Some(proto::Timings {
+                queue_ms: self.meta.queue_ms,
+                encode_ms: t.encode_ms,
+                denoise_ms: t.denoise_ms,
+                callback_wait_ms: t.callback_wait_ms,
+                decode_ms: t.decode_ms,
+            }),
+        };
+        self.meta.slot.finish();
+        self.phase = Phase::Done;
+        self.push(Kind::Completed(completed));
+        self.flush(now)
+    }
+}
+
+/// The StepEnd of `state` for `sub`: only the subscribed tensors leave the device, in one
+/// transfer.
+fn step_end(state: &StepState<'_>, sub: &Subscription) -> Result<proto::StepEnd, EngineError> {
+    let (names, subscribed): (Vec<&String>, Vec<&candle_core::Tensor>) = sub
+        .tensor_inputs
+        .iter()
+        .filter_map(|name| state.tensors.get(name).map(|t| (name, t)))
+        .unzip();
+    let encoded = crate::tensor::encode_all(&subscribed, sub.wire_dtype)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    Ok(proto::StepEnd {
+        step_index: state.step_index as u32,
+        timestep: state.timestep,
+        num_timesteps: state.num_timesteps as u32,
+        guidance_scale: state.guidance_scale as f32,
+        do_classifier_free_guidance: state.do_classifier_free_guidance,
+        tensors: names.into_iter().cloned().zip(encoded).collect(),
+        reply_required: !sub.observe_only,
+        step_ms: state.step_ms,
+    })
+}

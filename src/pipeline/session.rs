@@ -1,0 +1,502 @@
+//! A generation as a resumable state machine: prepared (prompt encoded, latents drawn), then
+//! stepped one denoising step at a time, alone or batched with other sessions of the same model
+//! in one UNet call, then decoded. Between steps the caller may read the callback tensors and
+//! apply a [`StepControl`]; nothing here waits for anyone.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::sd::{decode_images, rescale_noise_cfg, GenerationOutput, Timings};
+use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
+use crate::models::pipeline_model::StableDiffusionModel;
+use crate::models::unet::AddedConditions;
+use crate::rng::NoiseSource;
+use crate::schedulers::Scheduler;
+
+/// Everything `prepare` computed, handed to [`Session::new`].
+pub(super) struct SessionParts<'m> {
+    pub(super) model: &'m StableDiffusionModel,
+    pub(super) scheduler: Box<dyn Scheduler>,
+    pub(super) noise: Box<dyn NoiseSource + Send>,
+    pub(super) latents: Tensor,
+    pub(super) prompt_embeds: Tensor,
+    pub(super) negative_prompt_embeds: Option<Tensor>,
+    pub(super) add_text_embeds: Option<Tensor>,
+    pub(super) add_time_ids: Option<Tensor>,
+    pub(super) guidance_scale: f64,
+    pub(super) guidance_rescale: f64,
+    pub(super) batch: usize,
+    pub(super) decode: bool,
+    pub(super) encode_ms: f64,
+}
+
+/// What sessions must share to run in one UNet call: the model (and so its dtype), the latents'
+/// `[C, H, W]`, the conditioning's `[tokens, width]`, and whether SDXL's added conditions exist.
+/// Everything else (scheduler, timestep, guidance, CFG, images per prompt) may differ.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchKey {
+    model: usize,
+    latent: Vec<usize>,
+    context: Vec<usize>,
+    added: bool,
+}
+
+/// The last step a session ran, as its callback reports it.
+#[derive(Clone, Copy, Debug)]
+struct LastStep {
+    index: usize,
+    timestep: f64,
+    cfg: bool,
+    ms: f64,
+}
+
+/// One generation between `prepare` and decode; see the module docs.
+pub struct Session<'m> {
+    model: &'m StableDiffusionModel,
+    scheduler: Box<dyn Scheduler>,
+    noise: Box<dyn NoiseSource + Send>,
+    latents: Tensor,
+    prompt_embeds: Tensor,
+    negative_prompt_embeds: Option<Tensor>,
+    add_text_embeds: Option<Tensor>,
+    add_time_ids: Option<Tensor>,
+    guidance_scale: f64,
+    guidance_rescale: f64,
+    batch: usize,
+    decode: bool,
+    timesteps: Vec<f64>,
+    /// The next step to run.
+    next: usize,
+    interrupted: bool,
+    /// The UNet's conditioning in the compute dtype; `None` after a reply replaced embeddings.
+    conditions: Option<(Tensor, Option<AddedConditions>)>,
+    last: Option<LastStep>,
+    encode_ms: f64,
+    first_step_at: Option<Instant>,
+    last_step_done_at: Option<Instant>,
+    callback_wait_ms: f64,
+}
+
+impl<'m> Session<'m> {
+    pub(super) fn new(p: SessionParts<'m>) -> Self {
+        let timesteps = p.scheduler.timesteps().to_vec();
+        Self {
+            model: p.model,
+            scheduler: p.scheduler,
+            noise: p.noise,
+            latents: p.latents,
+            prompt_embeds: p.prompt_embeds,
+            negative_prompt_embeds: p.negative_prompt_embeds,
+            add_text_embeds: p.add_text_embeds,
+            add_time_ids: p.add_time_ids,
+            guidance_scale: p.guidance_scale,
+            guidance_rescale: p.guidance_rescale,
+            batch: p.batch,
+            decode: p.decode,
+            timesteps,
+            next: 0,
+            interrupted: false,
+            conditions: None,
+            last: None,
+            encode_ms: p.encode_ms,
+            first_step_at: None,
+            last_step_done_at: None,
+            callback_wait_ms: 0.0,
+        }
+    }
+
+    /// The model this session runs on.
+    pub fn model(&self) -> &'m StableDiffusionModel {
+        self.model
+    }
+
+    /// The scheduler's timesteps, in loop order.
+    pub fn timesteps(&self) -> Vec<f64> {
+        self.timesteps.clone()
+    }
+
+    /// `len(scheduler.timesteps)`.
+    pub fn num_timesteps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// Replaces the sampler noise source (by default the request seed's generator, continuing
+    /// after the initial latents); tests use it to replay noise recorded from diffusers.
+    pub fn set_noise_source(&mut self, noise: Box<dyn NoiseSource + Send>) {
+        self.noise = noise;
+    }
+
+    /// The name of the scheduler in use.
+    pub fn scheduler_name(&self) -> &'static str {
+        self.scheduler.name()
+    }
+
+    /// The step the next [`step_batch`] runs.
+    pub fn next_step(&self) -> usize {
+        self.next
+    }
+
+    /// Whether the loop is over: every step ran, or a reply interrupted it.
+    pub fn is_done(&self) -> bool {
+        self.interrupted || self.next >= self.timesteps.len()
+    }
+
+    /// Whether a reply interrupted the loop.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// Whether the next step runs classifier-free guidance (decided anew at every step).
+    fn cfg(&self) -> bool {
+        self.guidance_scale > 1.0 && self.model.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    /// UNet rows the next step takes: `2 × batch` under CFG (`[uncond; cond]`), else `batch`.
+    pub fn rows(&self) -> usize {
+        if self.cfg() {
+            2 * self.batch
+        } else {
+            self.batch
+        }
+    }
+
+    /// Which sessions this one can share a UNet call with (see [`BatchKey`]).
+    pub fn batch_key(&self) -> BatchKey {
+        BatchKey {
+            model: self.model as *const StableDiffusionModel as usize,
+            latent: self.latents.dims().get(1..).unwrap_or_default().to_vec(),
+            context: self
+                .prompt_embeds
+                .dims()
+                .get(1..)
+                .unwrap_or_default()
+                .to_vec(),
+            added: self.add_time_ids.is_some(),
+        }
+    }
+
+    /// The latents' `[C, H, W]`: sessions of one model with the same shape decode together.
+    pub fn latent_shape(&self) -> Vec<usize> {
+        self.latents.dims().get(1..).unwrap_or_default().to_vec()
+    }
+
+    /// The callback tensors as the loop holds them now (before step 0: the initial ones).
+    pub fn callback_tensors(&self) -> CallbackTensors {
+        let mut m = CallbackTensors::new();
+        m.insert("latents".into(), self.latents.clone());
+        m.insert("prompt_embeds".into(), self.prompt_embeds.clone());
+        if let Some(n) = &self.negative_prompt_embeds {
+            m.insert("negative_prompt_embeds".into(), n.clone());
+        }
+        if let Some(t) = &self.add_text_embeds {
+            m.insert("add_text_embeds".into(), t.clone());
+        }
+        if let Some(t) = &self.add_time_ids {
+            m.insert("add_time_ids".into(), t.clone());
+        }
+        m
+    }
+
+    /// The state diffusers' callback sees after the last step, over `tensors` (from
+    /// [`Session::callback_tensors`]); `None` before the first step.
+    pub fn step_state<'a>(&self, tensors: &'a CallbackTensors) -> Option<StepState<'a>> {
+        let last = self.last?;
+        Some(StepState {
+            step_index: last.index,
+            timestep: last.timestep,
+            num_timesteps: self.timesteps.len(),
+            guidance_scale: self.guidance_scale,
+            do_classifier_free_guidance: last.cfg,
+            tensors,
+            step_ms: last.ms,
+            batch: self.batch,
+        })
+    }
+
+    /// Adds time spent waiting for this session's client (reported in the timings).
+    pub fn add_callback_wait(&mut self, ms: f64) {
+        self.callback_wait_ms += ms;
+    }
+
+    /// Applies a validated control from the next step on (diffusers: the callback's returned
+    /// tensors and pipeline attributes).
+    pub fn apply(&mut self, control: StepControl) -> Result<(), PipelineError> {
+        if let Some(g) = control.guidance_scale {
+            self.guidance_scale = g;
+        }
+        self.interrupted |= control.interrupt;
+        for (name, t) in control.tensors {
+            let t = t.to_dtype(DType::F32)?.to_device(&self.model.device)?;
+            match name.as_str() {
+                "latents" => self.latents = t,
+                "prompt_embeds" => {
+                    self.prompt_embeds = t;
+                    self.conditions = None;
+                }
+                // Kept for later callbacks to read; like diffusers, the loop itself only uses prompt_embeds.
+                "negative_prompt_embeds" => self.negative_prompt_embeds = Some(t),
+                "add_text_embeds" => {
+                    self.add_text_embeds = Some(t);
+                    self.conditions = None;
+                }
+                "add_time_ids" => {
+                    self.add_time_ids = Some(t);
+                    self.conditions = None;
+                }
+                other => {
+                    return Err(PipelineError::InvalidRequest {
+                        field: format!("tensors[{other}]"),
+                        reason: "not a callback tensor of this pipeline".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The UNet's conditioning in the compute dtype: prompt embeddings and SDXL's added conditions.
+    fn conditions(&mut self) -> Result<(Tensor, Option<AddedConditions>), PipelineError> {
+        if let Some(c) = &self.conditions {
+            return Ok(c.clone());
+        }
+        let dtype = self.model.dtype;
+        let added = match (&self.add_text_embeds, &self.add_time_ids) {
+            (Some(text), Some(time)) => Some(AddedConditions {
+                text_embeds: text.to_dtype(dtype)?,
+                time_ids: time.to_dtype(dtype)?,
+            }),
+            _ => None,
+        };
+        let c = (self.prompt_embeds.to_dtype(dtype)?, added);
+        self.conditions = Some(c.clone());
+        Ok(c)
+    }
+
+    /// This step's UNet input rows (scaled by its own scheduler, in the compute dtype).
+    fn input(&self, cfg: bool) -> Result<Tensor, PipelineError> {
+        let x = if cfg {
+            Tensor::cat(&[&self.latents, &self.latents], 0)?
+        } else {
+            self.latents.clone()
+        };
+        let x = self.scheduler.scale_model_input(&x, self.next)?;
+        Ok(x.to_dtype(self.model.dtype)?)
+    }
+
+    /// Guidance and the scheduler step on this session's slice of the UNet output.
+    fn finish_step(&mut self, eps: &Tensor, cfg: bool) -> Result<(), PipelineError> {
+        let eps = if cfg {
+            let b = self.batch;
+            let uncond = eps.narrow(0, 0, b)?;
+            let text = eps.narrow(0, b, b)?;
+            let guided = (&uncond + ((&text - &uncond)? * self.guidance_scale)?)?;
+            if self.guidance_rescale > 0.0 {
+                rescale_noise_cfg(&guided, &text, self.guidance_rescale)?
+            } else {
+                guided
+            }
+        } else {
+            eps.clone()
+        };
+        self.latents = self
+            .scheduler
+            .step(&eps, self.next, &self.latents, self.noise.as_mut())?;
+        Ok(())
+    }
+
+    /// Decodes (when the request asked for images) and reports the run.
+    pub fn finish(self) -> Result<GenerationOutput, PipelineError> {
+        let model = self.model;
+        let mut outputs = decode_batch(model, vec![self])?;
+        Ok(outputs.remove(0))
+    }
+
+    fn timings(&self, decode_ms: f64) -> Timings {
+        let denoise_ms = match (self.first_step_at, self.last_step_done_at) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() * 1e3,
+            _ => 0.0,
+        };
+        Timings {
+            encode_ms: self.encode_ms,
+            denoise_ms,
+            callback_wait_ms: self.callback_wait_ms,
+            decode_ms,
+        }
+    }
+
+    /// Runs the whole loop alone, calling `callback` after each step, then decodes: diffusers'
+    /// `__call__` with `callback_on_step_end`, step for step.
+    pub fn run(
+        mut self,
+        callback: &mut dyn StepCallback,
+    ) -> Result<GenerationOutput, PipelineError> {
+        while !self.is_done() {
+            if let Some(stop) = callback.interruption() {
+                return Err(stop.into());
+            }
+            let wanted = callback.wants(self.next);
+            let ms = step_batch(&mut [&mut self], wanted)?;
+            callback.step_finished(ms);
+            if wanted {
+                let tensors = self.callback_tensors();
+                let Some(state) = self.step_state(&tensors) else {
+                    continue;
+                };
+                let wait_start = Instant::now();
+                let control = callback.on_step_end(&state)?;
+                self.add_callback_wait(wait_start.elapsed().as_secs_f64() * 1e3);
+                self.apply(control)?;
+            }
+        }
+        self.finish()
+    }
+}
+
+/// Runs one denoising step of every session in `sessions` in a single UNet call: rows packed per
+/// session (`[uncond; cond]` under CFG, `cond` otherwise), each row with its own session's
+/// timestep and conditioning; then, per session, its own guidance and scheduler step.
+///
+/// All sessions must share a [`BatchKey`] and none may be done. `sync` waits for the device
+/// after the step (when a callback will read the tensors, so the step time is the device's).
+/// Returns the call's time in milliseconds.
+pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, PipelineError> {
+    let Some(first) = sessions.first() else {
+        return Ok(0.0);
+    };
+    let model = first.model;
+    let key = first.batch_key();
+    if let Some(s) = sessions
+        .iter()
+        .find(|s| s.batch_key() != key || s.is_done())
+    {
+        return Err(PipelineError::InvalidRequest {
+            field: "batch".into(),
+            reason: format!(
+                "a session at step {} cannot join this batch (done: {})",
+                s.next,
+                s.is_done()
+            ),
+        });
+    }
+    let start = Instant::now();
+    let cfgs: Vec<bool> = sessions.iter().map(|s| s.cfg()).collect();
+    let mut inputs = Vec::with_capacity(sessions.len());
+    let mut timesteps = Vec::new();
+    let mut contexts = Vec::with_capacity(sessions.len());
+    let mut texts = Vec::new();
+    let mut times = Vec::new();
+    for (s, &cfg) in sessions.iter_mut().zip(&cfgs) {
+        s.first_step_at.get_or_insert(start);
+        let x = s.input(cfg)?;
+        timesteps.extend(std::iter::repeat_n(s.timesteps[s.next], x.dim(0)?));
+        inputs.push(x);
+        let (context, added) = s.conditions()?;
+        contexts.push(context);
+        if let Some(a) = added {
+            texts.push(a.text_embeds);
+            times.push(a.time_ids);
+        }
+    }
+    // One session: no packing copies, so a session alone runs exactly as it always did.
+    let pack = |parts: &[Tensor]| -> Result<Tensor, PipelineError> {
+        Ok(match parts {
+            [one] => one.clone(),
+            many => Tensor::cat(many, 0)?,
+        })
+    };
+    let x = pack(&inputs)?;
+    let context = pack(&contexts)?;
+    let added = if texts.is_empty() {
+        None
+    } else {
+        Some(AddedConditions {
+            text_embeds: pack(&texts)?,
+            time_ids: pack(&times)?,
+        })
+    };
+    let eps = model
+        .unet
+        .forward_rows(&x, &timesteps, &context, added.as_ref())?
+        .to_dtype(DType::F32)?;
+    let mut row = 0;
+    for ((s, &cfg), input) in sessions.iter_mut().zip(&cfgs).zip(&inputs) {
+        let n = input.dim(0)?;
+        let slice = if n == eps.dim(0)? {
+            eps.clone()
+        } else {
+            eps.narrow(0, row, n)?
+        };
+        row += n;
+        s.finish_step(&slice, cfg)?;
+    }
+    if sync && !model.device.is_cpu() {
+        // The one device synchronisation of a step that a callback reads: the kernels finish
+        // here, so the step time is the device's and the callback time is the callback's.
+        // Steps without a callback stay asynchronous.
+        model.device.synchronize()?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let done_at = Instant::now();
+    for (s, &cfg) in sessions.iter_mut().zip(&cfgs) {
+        s.last = Some(LastStep {
+            index: s.next,
+            timestep: s.timesteps[s.next],
+            cfg,
+            ms,
+        });
+        s.next += 1;
+        s.last_step_done_at = Some(done_at);
+    }
+    Ok(ms)
+}
+
+/// Decodes finished sessions of one model together: latents of equal shape go through the VAE
+/// in one call, and each session gets its own images back. Returns the outputs in input order.
+pub fn decode_batch<'m>(
+    model: &'m StableDiffusionModel,
+    sessions: Vec<Session<'m>>,
+) -> Result<Vec<GenerationOutput>, PipelineError> {
+    let start = Instant::now();
+    let wanted: Vec<&Tensor> = sessions
+        .iter()
+        .filter(|s| s.decode)
+        .map(|s| &s.latents)
+        .collect();
+    let same_shape = wanted
+        .windows(2)
+        .all(|w| w[0].dims().get(1..) == w[1].dims().get(1..));
+    let mut images: Vec<Vec<super::sd::EncodedImage>> = Vec::new();
+    if !wanted.is_empty() && same_shape {
+        let all = match wanted.as_slice() {
+            [one] => decode_images(model, one)?,
+            many => decode_images(model, &Tensor::cat(many, 0)?)?,
+        };
+        let mut all = all.into_iter();
+        for s in sessions.iter().filter(|s| s.decode) {
+            images.push(all.by_ref().take(s.batch).collect());
+        }
+    } else {
+        for l in wanted {
+            images.push(decode_images(model, l)?);
+        }
+    }
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut images = images.into_iter();
+    Ok(sessions
+        .into_iter()
+        .map(|s| {
+            let timings = s.timings(if s.decode { decode_ms } else { 0.0 });
+            GenerationOutput {
+                images: if s.decode {
+                    images.next().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                interrupted: s.interrupted,
+                latents: s.latents,
+                timings,
+            }
+        })
+        .collect())
+}
