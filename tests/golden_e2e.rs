@@ -1,6 +1,7 @@
 //! Golden parity through the real gRPC server: the recorded diffusers runs of the tiny SD 1.5
-//! model, reproduced step by step by a remote client (tolerances from the golden README:
-//! per-step and final latents 1e-5 relative to max(1, max|ref|); PNG within 1 of 255).
+//! and SDXL models, reproduced step by step by a remote client (tolerances from the golden
+//! README: per-step and final latents 1e-5 relative to max(1, max|ref|); PNG within 1 of 255),
+//! each case alone and all of them at once, sharing batched UNet calls with other sessions.
 
 mod common;
 
@@ -65,7 +66,6 @@ async fn run_case(name: &str) {
 }
 
 async fn run_model_case(model: &str, name: &str) {
-    let case = Case::load(model, name);
     let server = common::server::start(common::server::Options {
         models: vec![(
             model.to_string(),
@@ -74,6 +74,25 @@ async fn run_model_case(model: &str, name: &str) {
         ..Default::default()
     })
     .await;
+    let mut client = server.client().await;
+    golden_run(&mut client, model, name).await;
+}
+
+/// What a golden run produced, byte for byte: each StepEnd's latents, the final latents, the PNG.
+#[derive(PartialEq)]
+struct Record {
+    steps: Vec<Vec<u8>>,
+    final_latents: Vec<u8>,
+    png: Vec<u8>,
+}
+
+/// Runs golden case `name` of `model` through `client`, asserting diffusers' numbers at every step.
+async fn golden_run(
+    client: &mut stepstream::proto::diffusion_client::DiffusionClient<tonic::transport::Channel>,
+    model: &str,
+    name: &str,
+) -> Record {
+    let case = Case::load(model, name);
     let tensor_inputs: Vec<String> = if model == "tiny-sdxl" {
         vec![
             "latents",
@@ -87,9 +106,9 @@ async fn run_model_case(model: &str, name: &str) {
     .into_iter()
     .map(String::from)
     .collect();
-    let mut client = server.client().await;
     let j = &case.json;
     let request = proto::GenerateRequest {
+        model: model.to_string(),
         prompt: j["prompt"].as_str().unwrap().into(),
         negative_prompt: j["negative_prompt"].as_str().map(String::from),
         num_inference_steps: j["num_inference_steps"].as_u64().unwrap() as u32,
@@ -108,9 +127,7 @@ async fn run_model_case(model: &str, name: &str) {
         }),
         ..Default::default()
     };
-    let mut session = Session::start(&mut client, request)
-        .await
-        .expect("accepted");
+    let mut session = Session::start(client, request).await.expect("accepted");
     let Kind::Accepted(acc) = session.expect().await else {
         panic!("first event must be Accepted")
     };
@@ -123,6 +140,7 @@ async fn run_model_case(model: &str, name: &str) {
     assert_eq!(acc.timesteps, want_ts, "{name}: timesteps");
 
     let mut executed = Vec::new();
+    let mut steps = Vec::new();
     let mut worst_latents = 0f32;
     let completed = loop {
         match session.expect().await {
@@ -138,6 +156,7 @@ async fn run_model_case(model: &str, name: &str) {
                     case.step(k)["cfg_applied"].as_bool().unwrap(),
                     "{name} step {k}: CFG decision"
                 );
+                steps.push(step.tensors["latents"].data.clone());
                 let lat = unwire(&step.tensors["latents"]);
                 let d = rel_diff(&lat, &case.step_tensor(k, &["callback_in", "latents"]));
                 worst_latents = worst_latents.max(d);
@@ -204,6 +223,11 @@ async fn run_model_case(model: &str, name: &str) {
         "{name}: worst step latents rel {worst_latents:.2e}, final latents rel {d_final:.2e}, \
          png max diff {max_u8} ({differ} values differ)"
     );
+    Record {
+        steps,
+        final_latents: completed.latents.unwrap().data,
+        png: completed.images[0].data.clone(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,4 +283,124 @@ async fn sdxl_negative_prompt_matches_diffusers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdxl_empty_negative_prompt_is_encoded_not_zeroed() {
     run_model_case("tiny-sdxl", "neg-empty").await;
+}
+
+/// Every golden case above, as `(model, case)`.
+const CASES: &[(&str, &str)] = &[
+    ("tiny-sd15", "ddim-10"),
+    ("tiny-sd15", "ddim-10-cfg-cutoff"),
+    ("tiny-sd15", "ddim-10-latents-edit"),
+    ("tiny-sd15", "ddim-10-interrupt"),
+    ("tiny-sd15", "neg-prompt"),
+    ("tiny-sd15", "euler-10"),
+    ("tiny-sd15", "ddim-10-guidance1"),
+    ("tiny-sdxl", "euler-10"),
+    ("tiny-sdxl", "euler-10-cfg-cutoff"),
+    ("tiny-sdxl", "neg-prompt"),
+    ("tiny-sdxl", "neg-empty"),
+];
+
+/// Sessions that share the golden cases' batches: other schedulers, guidance 1 (no CFG), two
+/// images, observe-only; they only read.
+fn bystander(model: &str, i: usize) -> proto::GenerateRequest {
+    let (scheduler, guidance, images) = match i % 4 {
+        0 => ("euler_a", 7.5, 1),
+        1 => ("dpmpp_2m", 1.0, 1),
+        2 => ("ddim", 5.0, 2),
+        _ => ("unipc", 1.0, 2),
+    };
+    proto::GenerateRequest {
+        model: model.into(),
+        prompt: format!("bystander {i}"),
+        num_inference_steps: 7 + i as u32,
+        guidance_scale: Some(guidance),
+        num_images_per_prompt: images,
+        scheduler: scheduler.into(),
+        seed: Some(i as u64),
+        callback: Some(proto::CallbackOptions {
+            tensor_inputs: vec!["latents".into()],
+            observe_only: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_cases_run_together_give_diffusers_numbers_bit_identical_to_their_solo_runs() {
+    let server = common::server::start(common::server::Options {
+        models: ["tiny-sd15", "tiny-sdxl"]
+            .iter()
+            .map(|m| {
+                (
+                    m.to_string(),
+                    stepstream::models::ModelSource::Dir(common::model_dir(m)),
+                )
+            })
+            .collect(),
+        max_sessions: 32,
+        max_batch: 64,
+        ..Default::default()
+    })
+    .await;
+    // Each case alone first: the reference for its concurrent run.
+    let mut client = server.client().await;
+    let mut solo = Vec::new();
+    for (model, name) in CASES {
+        solo.push(golden_run(&mut client, model, name).await);
+    }
+    let calls_before = server.metrics.unet_rows.count();
+    let rows_before = server.metrics.unet_rows.sum();
+
+    // Then every case at once, with bystanders of both models sharing their batches.
+    let mut tasks = Vec::new();
+    for (i, model) in ["tiny-sd15", "tiny-sdxl"]
+        .iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+    {
+        let mut c = server.client().await;
+        let req = bystander(model, i);
+        tasks.push(tokio::spawn(async move {
+            let mut s = Session::start(&mut c, req).await.unwrap();
+            s.until_completed().await;
+            None
+        }));
+    }
+    for (model, name) in CASES {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            Some(golden_run(&mut c, model, name).await)
+        }));
+    }
+    let mut together = Vec::new();
+    for t in tasks {
+        if let Some(r) = t.await.expect("a session task panicked") {
+            together.push(r);
+        }
+    }
+    for ((model, name), (alone, shared)) in CASES.iter().zip(solo.iter().zip(&together)) {
+        assert_eq!(alone.steps.len(), shared.steps.len(), "{model}/{name}");
+        for (k, (a, b)) in alone.steps.iter().zip(&shared.steps).enumerate() {
+            assert!(
+                a == b,
+                "{model}/{name} step {k}: latents differ from the solo run"
+            );
+        }
+        assert!(
+            alone.final_latents == shared.final_latents,
+            "{model}/{name}: final latents differ from the solo run"
+        );
+        assert!(alone.png == shared.png, "{model}/{name}: PNG differs");
+    }
+    // The cases really shared UNet calls: more rows per call than any one session has.
+    let calls = server.metrics.unet_rows.count() - calls_before;
+    let rows = server.metrics.unet_rows.sum() - rows_before;
+    let mean = rows / calls as f64;
+    println!("{calls} UNet calls, {mean:.2} rows per call");
+    assert!(
+        mean > 4.0,
+        "mean rows per UNet call {mean}: the sessions were not batched"
+    );
 }

@@ -100,9 +100,35 @@ impl TimestepEmbedding {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?;
+        let h = rowwise_linear(&self.linear_1, x)?.silu()?;
+        let x = rowwise_linear(&self.linear_2, &h)?;
         Ok(if self.post_act { x.silu()? } else { x })
     }
+}
+
+/// Products with fewer output elements than this take gemm's small-product kernel (16 × 16).
+const GEMM_SMALL_OUTPUTS: usize = 16 * 16;
+
+/// `linear.forward(x)` for `x: (rows, k)`, computed the same way whatever `rows` is, so that a
+/// session's numbers do not depend on how many sessions share its UNet call.
+///
+/// Why: on the CPU, gemm sums a one-row product as a matrix-vector product and a product of at
+/// most 16 × 16 outputs with its horizontal small-product kernel; both sum in another order
+/// than its general kernel, whose rows are independent of the row count (checked up to 300
+/// rows). The embedding path's rows are the batch's rows, so a session alone (1 or 2 rows) and
+/// in a batch would round differently. Zero rows pad the input past both cases; they are
+/// dropped again. Layers whose rows are batch × tokens never hit those cases at SD sizes.
+pub(crate) fn rowwise_linear(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let outputs = linear.weight().dim(0)?;
+    let min_rows = (GEMM_SMALL_OUTPUTS / outputs.max(1) + 1).max(2);
+    if rows >= min_rows {
+        return Ok(linear.forward(x)?);
+    }
+    let pad = Tensor::zeros((min_rows - rows, k), x.dtype(), x.device())?;
+    Ok(linear
+        .forward(&Tensor::cat(&[x, &pad], 0)?)?
+        .narrow(0, 0, rows)?)
 }
 
 /// GroupNorm with weights from `vb`.
@@ -171,9 +197,7 @@ impl ResnetBlock2D {
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
+        let t = rowwise_linear(&self.time_emb_proj, &temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
@@ -459,6 +483,26 @@ impl Upsample2D {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rowwise_linear_gives_every_row_the_same_bits_whatever_the_row_count() {
+        let dev = Device::Cpu;
+        // Widths of the tiny fixtures' embedding path (16, 64) and of SD's (1280).
+        for (k, n) in [(16usize, 64usize), (64, 16), (64, 64), (320, 1280)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let linear = Linear::new(w, Some(b));
+            let x = Tensor::randn(0f32, 1.0, (40, k), &dev).unwrap();
+            let all: Vec<Vec<f32>> = rowwise_linear(&linear, &x).unwrap().to_vec2().unwrap();
+            for rows in 1..40 {
+                let some: Vec<Vec<f32>> = rowwise_linear(&linear, &x.narrow(0, 0, rows).unwrap())
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                assert!(some[..] == all[..rows], "k {k}, n {n}: {rows} rows differ");
+            }
+        }
+    }
 
     #[test]
     fn the_device_timestep_embedding_equals_the_host_one() {
