@@ -19,6 +19,7 @@ use crate::proto;
 use crate::schedulers::config::PredictionType;
 
 mod bridge;
+mod cards;
 mod slot;
 
 pub use bridge::Subscription;
@@ -335,6 +336,7 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        scheduler_info: cards::scheduler_info(&m.scheduler_config),
         callback_tensor_inputs: m
             .callback_tensor_inputs()
             .iter()

@@ -13,11 +13,13 @@ pub mod ddpm;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod info;
 pub mod lcm;
 pub mod pndm;
 pub mod unipc;
 
 pub use config::SchedulerConfig;
+pub use info::{effective_config, scheduler_infos, SchedulerInfo};
 
 /// Errors from building or stepping a scheduler.
 #[derive(Debug, thiserror::Error)]
