@@ -1,7 +1,9 @@
 //! The Python client (`clients/python`), tested as its users run it: `pip install
 //! ./clients/python` into a virtual environment, then its pytest suite against `stepstream serve`
-//! on 127.0.0.1:0 (the golden CFG-cutoff case from the seed callback verbatim, rejected replies,
-//! interrupt, observe-only, numpy and — where torch is installed — torch tensors, the example).
+//! on 127.0.0.1:0 serving the tiny SD 1.5 and SDXL fixture models (the golden CFG-cutoff case from
+//! the seed callback verbatim, rejected replies, interrupt, observe-only, numpy and — where torch
+//! is installed — torch tensors, the example, diffusers' own callback tests and docs examples on
+//! both models, the pipeline object's call state from two threads, scheduler-object mapping).
 //!
 //! Needs `python3` (3.9+) with `venv` and pip, and PyPI for the first run. The venv lives under
 //! cargo's target dir and is reused; the package is reinstalled whenever its sources or the proto
@@ -123,8 +125,16 @@ fn venv_python() -> PathBuf {
 #[test]
 fn python_client_suite_passes_against_the_server() {
     let python = venv_python();
-    let model = repo().join("tests/fixtures/models/tiny-sd15");
-    let server = spawn_serve([std::ffi::OsStr::new("--model"), model.as_os_str()]);
+    // Both fixture models from one server (tiny-sd15 first: the default); the suite picks one
+    // by id.
+    let sd15 = repo().join("tests/fixtures/models/tiny-sd15");
+    let sdxl = repo().join("tests/fixtures/models/tiny-sdxl");
+    let server = spawn_serve([
+        std::ffi::OsStr::new("--model"),
+        sd15.as_os_str(),
+        std::ffi::OsStr::new("--model"),
+        sdxl.as_os_str(),
+    ]);
     let addr = server.addr.clone();
     let out = Command::new(&python)
         .args(["-m", "pytest", "clients/python/tests", "-q", "-rs", "-s"])

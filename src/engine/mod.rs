@@ -17,6 +17,7 @@ use crate::pipeline::{CallbackError, NoCallback, PipelineError};
 use crate::proto;
 use crate::schedulers::config::PredictionType;
 
+mod cards;
 mod device;
 mod doorbell;
 mod live;
@@ -401,6 +402,7 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        scheduler_info: cards::scheduler_info(&m.scheduler_config),
         callback_tensor_inputs: m
             .callback_tensor_inputs()
             .iter()

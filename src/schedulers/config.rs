@@ -117,6 +117,83 @@ pub enum VarianceType {
     LearnedRange,
 }
 
+/// The diffusers spellings of [`BetaSchedule`] (the first spelling of a value is its name).
+pub const BETA_SCHEDULES: &[(&str, BetaSchedule)] = &[
+    ("linear", BetaSchedule::Linear),
+    ("scaled_linear", BetaSchedule::ScaledLinear),
+    ("squaredcos_cap_v2", BetaSchedule::SquaredCosCapV2),
+];
+
+/// The diffusers spellings of [`PredictionType`] (the first spelling of a value is its name).
+pub const PREDICTION_TYPES: &[(&str, PredictionType)] = &[
+    ("epsilon", PredictionType::Epsilon),
+    ("v_prediction", PredictionType::VPrediction),
+    ("sample", PredictionType::Sample),
+];
+
+/// The diffusers spellings of [`TimestepSpacing`] (the first spelling of a value is its name).
+pub const TIMESTEP_SPACINGS: &[(&str, TimestepSpacing)] = &[
+    ("leading", TimestepSpacing::Leading),
+    ("trailing", TimestepSpacing::Trailing),
+    ("linspace", TimestepSpacing::Linspace),
+];
+
+/// The diffusers spellings of [`InterpolationType`] (the first spelling of a value is its name).
+pub const INTERPOLATION_TYPES: &[(&str, InterpolationType)] = &[
+    ("linear", InterpolationType::Linear),
+    ("log_linear", InterpolationType::LogLinear),
+];
+
+/// The diffusers spellings of [`FinalSigmasType`] (the first spelling of a value is its name).
+pub const FINAL_SIGMAS_TYPES: &[(&str, FinalSigmasType)] = &[
+    ("zero", FinalSigmasType::Zero),
+    ("sigma_min", FinalSigmasType::SigmaMin),
+];
+
+/// The diffusers spellings of [`TimestepType`] (the first spelling of a value is its name).
+pub const TIMESTEP_TYPES: &[(&str, TimestepType)] = &[
+    ("discrete", TimestepType::Discrete),
+    ("continuous", TimestepType::Continuous),
+];
+
+/// The diffusers spellings of [`AlgorithmType`] (the first spelling of a value is its name).
+pub const ALGORITHM_TYPES: &[(&str, AlgorithmType)] = &[
+    ("dpmsolver++", AlgorithmType::DpmSolverPlusPlus),
+    ("sde-dpmsolver++", AlgorithmType::SdeDpmSolverPlusPlus),
+    ("dpmsolver", AlgorithmType::DpmSolver),
+    ("sde-dpmsolver", AlgorithmType::SdeDpmSolver),
+    // diffusers registers `deis` as `dpmsolver++`.
+    ("deis", AlgorithmType::DpmSolverPlusPlus),
+];
+
+/// The diffusers spellings of [`SolverType`] (the first spelling of a value is its name).
+pub const SOLVER_TYPES: &[(&str, SolverType)] = &[
+    ("midpoint", SolverType::Midpoint),
+    ("heun", SolverType::Heun),
+    ("logrho", SolverType::Logrho),
+    ("bh1", SolverType::Bh1),
+    ("bh2", SolverType::Bh2),
+];
+
+/// The diffusers spellings of [`VarianceType`] (the first spelling of a value is its name).
+pub const VARIANCE_TYPES: &[(&str, VarianceType)] = &[
+    ("fixed_small", VarianceType::FixedSmall),
+    ("fixed_small_log", VarianceType::FixedSmallLog),
+    ("fixed_large", VarianceType::FixedLarge),
+    ("fixed_large_log", VarianceType::FixedLargeLog),
+    ("learned", VarianceType::Learned),
+    ("learned_range", VarianceType::LearnedRange),
+];
+
+/// The diffusers spelling of `value` in `table` (its first entry).
+pub fn name_of<T: Copy + PartialEq>(table: &[(&'static str, T)], value: T) -> &'static str {
+    table
+        .iter()
+        .find(|(_, t)| *t == value)
+        .map(|(n, _)| *n)
+        .unwrap_or("")
+}
+
 /// A diffusers scheduler config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
@@ -383,15 +460,7 @@ impl SchedulerConfig {
         if let Some(x) = get_f64(&map, "beta_end")? {
             c.beta_end = x;
         }
-        if let Some(x) = get_enum(
-            &map,
-            "beta_schedule",
-            &[
-                ("linear", BetaSchedule::Linear),
-                ("scaled_linear", BetaSchedule::ScaledLinear),
-                ("squaredcos_cap_v2", BetaSchedule::SquaredCosCapV2),
-            ],
-        )? {
+        if let Some(x) = get_enum(&map, "beta_schedule", BETA_SCHEDULES)? {
             c.beta_schedule = x;
         }
         if let Some(v) = present(&map, "trained_betas") {
@@ -405,26 +474,10 @@ impl SchedulerConfig {
                 .ok_or_else(|| invalid("trained_betas", v, "a list of finite numbers"))?;
             c.trained_betas = Some(betas);
         }
-        if let Some(x) = get_enum(
-            &map,
-            "prediction_type",
-            &[
-                ("epsilon", PredictionType::Epsilon),
-                ("v_prediction", PredictionType::VPrediction),
-                ("sample", PredictionType::Sample),
-            ],
-        )? {
+        if let Some(x) = get_enum(&map, "prediction_type", PREDICTION_TYPES)? {
             c.prediction_type = x;
         }
-        c.timestep_spacing = get_enum(
-            &map,
-            "timestep_spacing",
-            &[
-                ("leading", TimestepSpacing::Leading),
-                ("trailing", TimestepSpacing::Trailing),
-                ("linspace", TimestepSpacing::Linspace),
-            ],
-        )?;
+        c.timestep_spacing = get_enum(&map, "timestep_spacing", TIMESTEP_SPACINGS)?;
         if let Some(x) = get_usize(&map, "steps_offset")? {
             c.steps_offset = x;
         }
@@ -445,14 +498,7 @@ impl SchedulerConfig {
         if let Some(x) = get_bool(&map, "rescale_betas_zero_snr")? {
             c.rescale_betas_zero_snr = x;
         }
-        if let Some(x) = get_enum(
-            &map,
-            "interpolation_type",
-            &[
-                ("linear", InterpolationType::Linear),
-                ("log_linear", InterpolationType::LogLinear),
-            ],
-        )? {
+        if let Some(x) = get_enum(&map, "interpolation_type", INTERPOLATION_TYPES)? {
             c.interpolation_type = x;
         }
         if let Some(x) = get_bool(&map, "use_karras_sigmas")? {
@@ -466,24 +512,10 @@ impl SchedulerConfig {
         }
         c.sigma_min = get_f64(&map, "sigma_min")?;
         c.sigma_max = get_f64(&map, "sigma_max")?;
-        if let Some(x) = get_enum(
-            &map,
-            "final_sigmas_type",
-            &[
-                ("zero", FinalSigmasType::Zero),
-                ("sigma_min", FinalSigmasType::SigmaMin),
-            ],
-        )? {
+        if let Some(x) = get_enum(&map, "final_sigmas_type", FINAL_SIGMAS_TYPES)? {
             c.final_sigmas_type = x;
         }
-        if let Some(x) = get_enum(
-            &map,
-            "timestep_type",
-            &[
-                ("discrete", TimestepType::Discrete),
-                ("continuous", TimestepType::Continuous),
-            ],
-        )? {
+        if let Some(x) = get_enum(&map, "timestep_type", TIMESTEP_TYPES)? {
             c.timestep_type = x;
         }
         c.parse_class_keys(&map);
@@ -511,19 +543,7 @@ impl SchedulerConfig {
         );
         take(
             "algorithm_type",
-            get_enum(
-                map,
-                "algorithm_type",
-                &[
-                    ("dpmsolver++", AlgorithmType::DpmSolverPlusPlus),
-                    ("sde-dpmsolver++", AlgorithmType::SdeDpmSolverPlusPlus),
-                    ("dpmsolver", AlgorithmType::DpmSolver),
-                    ("sde-dpmsolver", AlgorithmType::SdeDpmSolver),
-                    // diffusers registers `deis` as `dpmsolver++`.
-                    ("deis", AlgorithmType::DpmSolverPlusPlus),
-                ],
-            )
-            .map(|x| {
+            get_enum(map, "algorithm_type", ALGORITHM_TYPES).map(|x| {
                 if let Some(x) = x {
                     self.algorithm_type = x;
                 }
@@ -543,18 +563,7 @@ impl SchedulerConfig {
         );
         take(
             "solver_type",
-            get_enum(
-                map,
-                "solver_type",
-                &[
-                    ("midpoint", SolverType::Midpoint),
-                    ("heun", SolverType::Heun),
-                    ("logrho", SolverType::Logrho),
-                    ("bh1", SolverType::Bh1),
-                    ("bh2", SolverType::Bh2),
-                ],
-            )
-            .map(|x| self.solver_type = x),
+            get_enum(map, "solver_type", SOLVER_TYPES).map(|x| self.solver_type = x),
         );
         for (key, field) in [
             ("lower_order_final", &mut self.lower_order_final),
@@ -592,19 +601,7 @@ impl SchedulerConfig {
         }
         take(
             "variance_type",
-            get_enum(
-                map,
-                "variance_type",
-                &[
-                    ("fixed_small", VarianceType::FixedSmall),
-                    ("fixed_small_log", VarianceType::FixedSmallLog),
-                    ("fixed_large", VarianceType::FixedLarge),
-                    ("fixed_large_log", VarianceType::FixedLargeLog),
-                    ("learned", VarianceType::Learned),
-                    ("learned_range", VarianceType::LearnedRange),
-                ],
-            )
-            .map(|x| self.variance_type = x),
+            get_enum(map, "variance_type", VARIANCE_TYPES).map(|x| self.variance_type = x),
         );
         if let Some(v) = present(map, "disable_corrector") {
             let steps = v.as_array().and_then(|a| {
@@ -686,6 +683,33 @@ impl SchedulerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spellings_round_trip_through_the_tables() {
+        fn check<T: Copy + PartialEq + std::fmt::Debug>(key: &str, table: &[(&'static str, T)]) {
+            for (name, value) in table {
+                let mut m = Map::new();
+                m.insert(key.into(), Value::from(*name));
+                assert_eq!(get_enum(&m, key, table).unwrap(), Some(*value));
+                let first = table.iter().find(|(_, v)| v == value).unwrap().0;
+                assert_eq!(name_of(table, *value), first);
+            }
+        }
+        check("beta_schedule", BETA_SCHEDULES);
+        check("prediction_type", PREDICTION_TYPES);
+        check("timestep_spacing", TIMESTEP_SPACINGS);
+        check("interpolation_type", INTERPOLATION_TYPES);
+        check("final_sigmas_type", FINAL_SIGMAS_TYPES);
+        check("timestep_type", TIMESTEP_TYPES);
+        check("algorithm_type", ALGORITHM_TYPES);
+        check("solver_type", SOLVER_TYPES);
+        check("variance_type", VARIANCE_TYPES);
+        // `deis` is read as dpmsolver++ and reported under that name.
+        assert_eq!(
+            name_of(ALGORITHM_TYPES, AlgorithmType::DpmSolverPlusPlus),
+            "dpmsolver++"
+        );
+    }
 
     #[test]
     fn empty_config_gets_diffusers_defaults() {

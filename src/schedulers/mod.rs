@@ -13,11 +13,13 @@ pub mod ddpm;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod info;
 pub mod lcm;
 pub mod pndm;
 pub mod unipc;
 
 pub use config::SchedulerConfig;
+pub use info::{effective_config, scheduler_infos, SchedulerInfo};
 
 /// Errors from building or stepping a scheduler.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,88 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
 }
 
-/// The scheduler names a request may ask for, each a diffusers class plus settings:
+/// A value a registry entry forces or defaults: a JSON scalar known at compile time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Setting {
+    /// A JSON boolean.
+    Bool(bool),
+    /// A JSON non-negative integer.
+    Int(u64),
+    /// A JSON string.
+    Str(&'static str),
+}
+
+impl Setting {
+    /// The setting as JSON.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Setting::Bool(b) => b.into(),
+            Setting::Int(n) => n.into(),
+            Setting::Str(s) => s.into(),
+        }
+    }
+}
+
+/// One scheduler name a request may ask for: the diffusers class it builds, the settings it
+/// forces on the model's config, and what ListModels reports about that class.
+#[derive(Debug)]
+pub struct SchedulerEntry {
+    /// The ListModels name, e.g. `dpmpp_2m_karras`.
+    pub name: &'static str,
+    /// The diffusers class it builds, e.g. `DPMSolverMultistepScheduler`.
+    pub class: &'static str,
+    /// The overrides passed to diffusers' `from_config(model_config, **overrides)`.
+    pub overrides: &'static [(&'static str, Setting)],
+    /// The config keys this class's `__init__` takes that change its result (diffusers' names).
+    pub keys: &'static [&'static str],
+    /// The class's own default for each key our config leaves unset (`None`) when absent;
+    /// a key not listed here has one default for every class, or none (JSON null).
+    pub class_defaults: &'static [(&'static str, Setting)],
+}
+
+/// The config keys every class reads (diffusers' names); each entry's `keys` adds its own.
+pub const COMMON_KEYS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+];
+
+const DPM_KEYS: &[&str] = &[
+    "solver_order",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+    "final_sigmas_type",
+    "lambda_min_clipped",
+    "variance_type",
+    "rescale_betas_zero_snr",
+    "use_dynamic_shifting",
+    // Not in the signature, but read from the config when present (Karras sigmas).
+    "sigma_min",
+    "sigma_max",
+];
+
+const DPM_DEFAULTS: &[(&str, Setting)] = &[
+    ("timestep_spacing", Setting::Str("linspace")),
+    ("solver_type", Setting::Str("midpoint")),
+];
+
+/// Every scheduler name a request may ask for, in ListModels order. The first entry of a class
+/// is the one a model shipping that class gets by default ([`name_for_class`]).
 ///
 /// | name | diffusers class and settings |
 /// |---|---|
@@ -91,57 +174,208 @@ pub trait Scheduler: Send {
 /// | `lcm` | LCMScheduler |
 /// | `unipc` | UniPCMultistepScheduler |
 /// | `ddpm` | DDPMScheduler |
-pub const SCHEDULER_NAMES: &[&str] = &[
-    "ddim",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "pndm",
-    "lcm",
-    "unipc",
-    "ddpm",
+pub const REGISTRY: &[SchedulerEntry] = &[
+    SchedulerEntry {
+        name: "ddim",
+        class: "DDIMScheduler",
+        overrides: &[],
+        keys: &[
+            "clip_sample",
+            "set_alpha_to_one",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "rescale_betas_zero_snr",
+        ],
+        class_defaults: &[
+            ("timestep_spacing", Setting::Str("leading")),
+            ("clip_sample", Setting::Bool(true)),
+            ("set_alpha_to_one", Setting::Bool(true)),
+        ],
+    },
+    SchedulerEntry {
+        name: "euler",
+        class: "EulerDiscreteScheduler",
+        overrides: &[],
+        keys: &[
+            "interpolation_type",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "sigma_min",
+            "sigma_max",
+            "timestep_type",
+            "rescale_betas_zero_snr",
+            "final_sigmas_type",
+        ],
+        class_defaults: &[("timestep_spacing", Setting::Str("linspace"))],
+    },
+    SchedulerEntry {
+        name: "euler_a",
+        class: "EulerAncestralDiscreteScheduler",
+        overrides: &[],
+        keys: &["rescale_betas_zero_snr"],
+        class_defaults: &[("timestep_spacing", Setting::Str("linspace"))],
+    },
+    SchedulerEntry {
+        name: "dpmpp_2m",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[
+            ("algorithm_type", Setting::Str("dpmsolver++")),
+            ("solver_order", Setting::Int(2)),
+        ],
+        keys: DPM_KEYS,
+        class_defaults: DPM_DEFAULTS,
+    },
+    SchedulerEntry {
+        name: "dpmpp_2m_karras",
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[
+            ("algorithm_type", Setting::Str("dpmsolver++")),
+            ("solver_order", Setting::Int(2)),
+            ("use_karras_sigmas", Setting::Bool(true)),
+        ],
+        keys: DPM_KEYS,
+        class_defaults: DPM_DEFAULTS,
+    },
+    SchedulerEntry {
+        name: "pndm",
+        class: "PNDMScheduler",
+        overrides: &[("skip_prk_steps", Setting::Bool(true))],
+        keys: &["skip_prk_steps", "set_alpha_to_one"],
+        class_defaults: &[
+            ("timestep_spacing", Setting::Str("leading")),
+            ("set_alpha_to_one", Setting::Bool(false)),
+        ],
+    },
+    SchedulerEntry {
+        name: "lcm",
+        class: "LCMScheduler",
+        overrides: &[],
+        keys: &[
+            "original_inference_steps",
+            "clip_sample",
+            "clip_sample_range",
+            "set_alpha_to_one",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "timestep_scaling",
+            "rescale_betas_zero_snr",
+        ],
+        class_defaults: &[
+            ("timestep_spacing", Setting::Str("leading")),
+            ("clip_sample", Setting::Bool(false)),
+            ("set_alpha_to_one", Setting::Bool(true)),
+        ],
+    },
+    SchedulerEntry {
+        name: "unipc",
+        class: "UniPCMultistepScheduler",
+        overrides: &[],
+        keys: &[
+            "solver_order",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "predict_x0",
+            "solver_type",
+            "lower_order_final",
+            "disable_corrector",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_flow_sigmas",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+            "use_dynamic_shifting",
+            "sigma_min",
+            "sigma_max",
+        ],
+        class_defaults: &[
+            ("timestep_spacing", Setting::Str("linspace")),
+            ("solver_type", Setting::Str("bh2")),
+        ],
+    },
+    SchedulerEntry {
+        name: "ddpm",
+        class: "DDPMScheduler",
+        overrides: &[],
+        keys: &[
+            "variance_type",
+            "clip_sample",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "rescale_betas_zero_snr",
+        ],
+        class_defaults: &[
+            ("timestep_spacing", Setting::Str("leading")),
+            ("clip_sample", Setting::Bool(true)),
+            ("variance_type", Setting::Str("fixed_small")),
+        ],
+    },
 ];
 
-/// The name for a diffusers scheduler class name (`DDIMScheduler` -> `ddim`), if we implement it.
-/// A model that ships DPMSolverMultistepScheduler gets `dpmpp_2m`, which keeps the model's own
-/// sigma settings (Karras sigmas included) and forces only the 2M++ algorithm and order.
-pub fn name_for_class(class_name: &str) -> Option<&'static str> {
-    match class_name {
-        "DDIMScheduler" => Some("ddim"),
-        "EulerDiscreteScheduler" => Some("euler"),
-        "EulerAncestralDiscreteScheduler" => Some("euler_a"),
-        "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
-        "PNDMScheduler" => Some("pndm"),
-        "LCMScheduler" => Some("lcm"),
-        "UniPCMultistepScheduler" => Some("unipc"),
-        "DDPMScheduler" => Some("ddpm"),
-        _ => None,
+const NAMES: [&str; REGISTRY.len()] = {
+    let mut out = [""; REGISTRY.len()];
+    let mut i = 0;
+    while i < REGISTRY.len() {
+        out[i] = REGISTRY[i].name;
+        i += 1;
     }
+    out
+};
+
+/// The scheduler names a request may ask for: the names of [`REGISTRY`], in its order.
+pub const SCHEDULER_NAMES: &[&str] = &NAMES;
+
+/// The registry entry of scheduler `name`.
+pub fn entry(name: &str) -> Option<&'static SchedulerEntry> {
+    REGISTRY.iter().find(|e| e.name == name)
+}
+
+/// The name for a diffusers scheduler class name (`DDIMScheduler` -> `ddim`), if we implement it:
+/// the class's first registry entry. A model that ships DPMSolverMultistepScheduler gets
+/// `dpmpp_2m`, which keeps the model's own sigma settings (Karras sigmas included) and forces
+/// only the 2M++ algorithm and order.
+pub fn name_for_class(class_name: &str) -> Option<&'static str> {
+    REGISTRY
+        .iter()
+        .find(|e| e.class == class_name)
+        .map(|e| e.name)
 }
 
 /// The diffusers class a name builds and the overrides it passes to `from_config`, as JSON.
 pub fn class_and_overrides(name: &str) -> Option<(&'static str, serde_json::Value)> {
-    use serde_json::json;
-    Some(match name {
-        "ddim" => ("DDIMScheduler", json!({})),
-        "euler" => ("EulerDiscreteScheduler", json!({})),
-        "euler_a" => ("EulerAncestralDiscreteScheduler", json!({})),
-        "dpmpp_2m" => (
-            "DPMSolverMultistepScheduler",
-            json!({"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        ),
-        "dpmpp_2m_karras" => (
-            "DPMSolverMultistepScheduler",
-            json!({"algorithm_type": "dpmsolver++", "solver_order": 2,
-                   "use_karras_sigmas": true}),
-        ),
-        "pndm" => ("PNDMScheduler", json!({"skip_prk_steps": true})),
-        "lcm" => ("LCMScheduler", json!({})),
-        "unipc" => ("UniPCMultistepScheduler", json!({})),
-        "ddpm" => ("DDPMScheduler", json!({})),
-        _ => return None,
-    })
+    let e = entry(name)?;
+    let overrides = e
+        .overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_json()))
+        .collect::<serde_json::Map<_, _>>();
+    Some((e.class, serde_json::Value::Object(overrides)))
+}
+
+/// Sets the typed field behind override `key` of a registry entry; false for a key this
+/// function does not know (a registry mistake, caught by the unit tests).
+fn set_override(c: &mut SchedulerConfig, key: &str, value: Setting) -> bool {
+    use config::ALGORITHM_TYPES;
+    match (key, value) {
+        ("algorithm_type", Setting::Str(s)) => {
+            match ALGORITHM_TYPES.iter().find(|(n, _)| *n == s) {
+                Some((_, t)) => c.algorithm_type = *t,
+                None => return false,
+            }
+        }
+        ("solver_order", Setting::Int(n)) => c.solver_order = n as usize,
+        ("use_karras_sigmas", Setting::Bool(b)) => c.use_karras_sigmas = b,
+        ("skip_prk_steps", Setting::Bool(b)) => c.skip_prk_steps = b,
+        _ => return false,
+    }
+    true
 }
 
 /// `config` with the overrides of scheduler `name` applied (what `build` builds from). The
@@ -149,29 +383,21 @@ pub fn class_and_overrides(name: &str) -> Option<(&'static str, serde_json::Valu
 /// a loaded config (diffusers' legacy fix-ups) survive; `raw` records them too.
 pub fn config_for_name(name: &str, config: &SchedulerConfig) -> SchedulerConfig {
     let mut c = config.clone();
-    let Some((class, overrides)) = class_and_overrides(name) else {
+    let Some(e) = entry(name) else {
         return c;
     };
-    match name {
-        "dpmpp_2m" | "dpmpp_2m_karras" => {
-            c.algorithm_type = config::AlgorithmType::DpmSolverPlusPlus;
-            c.solver_order = 2;
-            if name == "dpmpp_2m_karras" {
-                c.use_karras_sigmas = true;
-            }
-        }
-        "pndm" => c.skip_prk_steps = true,
-        _ => {}
+    for (k, v) in e.overrides {
+        let known = set_override(&mut c, k, *v);
+        debug_assert!(known, "registry override `{k}` has no typed field");
     }
-    c.class_name = class.to_string();
-    if let (serde_json::Value::Object(raw), serde_json::Value::Object(over)) =
-        (&mut c.raw, overrides)
-    {
-        raw.insert("_class_name".into(), class.into());
+    c.class_name = e.class.to_string();
+    if let serde_json::Value::Object(raw) = &mut c.raw {
+        raw.insert("_class_name".into(), e.class.into());
         // An overridden key's unreadable model value no longer matters.
-        c.deferred_errors.retain(|(k, _)| !over.contains_key(k));
-        for (k, v) in over {
-            raw.insert(k, v);
+        c.deferred_errors
+            .retain(|(k, _)| !e.overrides.iter().any(|(o, _)| o == k));
+        for (k, v) in e.overrides {
+            raw.insert(k.to_string(), v.to_json());
         }
     }
     c
@@ -224,4 +450,58 @@ pub fn build(
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_registry_in_order() {
+        let names: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
+        assert_eq!(SCHEDULER_NAMES, names.as_slice());
+        for (i, n) in names.iter().enumerate() {
+            assert!(!names[..i].contains(n), "`{n}` listed twice");
+        }
+    }
+
+    #[test]
+    fn a_class_maps_to_its_first_entry() {
+        for (class, name) in [
+            ("DDIMScheduler", "ddim"),
+            ("EulerDiscreteScheduler", "euler"),
+            ("EulerAncestralDiscreteScheduler", "euler_a"),
+            ("DPMSolverMultistepScheduler", "dpmpp_2m"),
+            ("PNDMScheduler", "pndm"),
+            ("LCMScheduler", "lcm"),
+            ("UniPCMultistepScheduler", "unipc"),
+            ("DDPMScheduler", "ddpm"),
+        ] {
+            assert_eq!(name_for_class(class), Some(name));
+        }
+        assert_eq!(name_for_class("HeunDiscreteScheduler"), None);
+    }
+
+    #[test]
+    fn every_override_reaches_its_typed_field_and_the_raw_config() {
+        for e in REGISTRY {
+            for (key, value) in e.overrides {
+                let mut c = SchedulerConfig::default();
+                assert!(set_override(&mut c, key, *value), "{}: `{key}`", e.name);
+            }
+            let (class, over) = class_and_overrides(e.name).unwrap();
+            assert_eq!(class, e.class);
+            let c = config_for_name(e.name, &SchedulerConfig::default());
+            assert_eq!(c.class_name, e.class);
+            for (k, v) in over.as_object().unwrap() {
+                assert_eq!(&c.raw[k], v, "{}: raw `{k}`", e.name);
+            }
+        }
+        let c = config_for_name("dpmpp_2m_karras", &SchedulerConfig::default());
+        assert!(c.use_karras_sigmas);
+        assert_eq!(c.solver_order, 2);
+        assert_eq!(c.algorithm_type, config::AlgorithmType::DpmSolverPlusPlus);
+        assert!(config_for_name("pndm", &SchedulerConfig::default()).skip_prk_steps);
+        assert!(class_and_overrides("no_such").is_none());
+    }
 }

@@ -4,11 +4,13 @@ server, with ``callback_on_step_end`` run here, in this process, at the end of e
 from __future__ import annotations
 
 import io
+import json
+import math
 import queue
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -17,21 +19,10 @@ from . import errors, tensors
 from .v1 import stepstream_pb2 as pb
 from .v1 import stepstream_pb2_grpc as rpc
 
-__all__ = ["RemotePipeline", "StepSession", "PipelineOutput", "Generator"]
+__all__ = ["RemotePipeline", "StepSession", "CallState", "PipelineOutput", "Generator", "map_scheduler", "scheduler_settings"]
 
 #: Largest message either side may send (images and tensors of big models exceed gRPC's 4 MiB).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-# diffusers scheduler classes → the server's scheduler names.
-_SCHEDULER_NAMES = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "PNDMScheduler": "pndm",
-    "LCMScheduler": "lcm",
-    "UniPCMultistepScheduler": "unipc",
-}
 
 # diffusers arguments with no remote equivalent: refused rather than silently ignored.
 _UNSUPPORTED = (
@@ -89,37 +80,18 @@ class PipelineOutput:
         return (self.images, self.nsfw_content_detected)
 
 
-class StepSession:
-    """The ``pipe`` a callback receives: one generation, with diffusers' attribute names.
+class CallState:
+    """What a diffusers pipeline keeps on itself for one call, under diffusers' names.
 
-    Readable: ``num_timesteps``, ``timesteps``, ``guidance_scale``, ``do_classifier_free_guidance``,
-    ``interrupt``, ``seed``, ``request_id``, ``model``, ``width``, ``height``, ``step_index``,
-    ``timestep``, ``rejected`` (the :class:`~stepstream.errors.ReplyRejectedError` of the previous
-    try at this step, when ``reply_retries`` let the callback run again), ``pipeline`` (the
-    :class:`RemotePipeline`). Settable: ``_guidance_scale`` (and ``guidance_scale``),
-    ``_interrupt`` (and ``interrupt``). Anything else (``pipe.unet``, ``pipe.scheduler``) lives on
-    the server and is not reachable."""
+    ``guidance_scale`` / ``_guidance_scale`` and ``interrupt`` / ``_interrupt`` are settable;
+    ``do_classifier_free_guidance`` and ``num_timesteps`` are read-only."""
 
-    def __init__(self, pipeline: "RemotePipeline", accepted: pb.Accepted):
-        self.pipeline = pipeline
-        self.accepted = accepted
-        self.num_timesteps = len(accepted.timesteps)
-        self.timesteps = list(accepted.timesteps)
-        self.seed = accepted.seed
-        self.request_id = accepted.request_id
-        self.model = accepted.model
-        self.width = accepted.width
-        self.height = accepted.height
-        self._callback_tensor_inputs = list(accepted.callback_tensor_inputs)
-        self._guidance_scale = float(accepted.guidance_scale)
-        self._interrupt = False
-        self._cfg: Optional[bool] = None
+    def __init__(self, guidance_scale: float, num_timesteps: int):
+        self._guidance_scale = float(guidance_scale)
         self._step_guidance = self._guidance_scale
-        self.step_index: Optional[int] = None
-        self.timestep: Optional[float] = None
-        self.rejected: Optional[errors.ReplyRejectedError] = None
-        self._tries = 0
-        self._last_step: Optional[pb.StepEnd] = None
+        self._cfg: Optional[bool] = None
+        self._interrupt = False
+        self.num_timesteps = int(num_timesteps)
 
     # diffusers: `guidance_scale` and `do_classifier_free_guidance` are properties over
     # `_guidance_scale`, so a callback that lowers it sees CFG off at once.
@@ -145,6 +117,35 @@ class StepSession:
     def interrupt(self, value: bool) -> None:
         self._interrupt = bool(value)
 
+
+class StepSession(CallState):
+    """The ``pipe`` a callback receives: one generation, with diffusers' attribute names.
+
+    Readable: ``num_timesteps``, ``timesteps``, ``guidance_scale``, ``do_classifier_free_guidance``,
+    ``interrupt``, ``seed``, ``request_id``, ``model``, ``width``, ``height``, ``step_index``,
+    ``timestep``, ``_callback_tensor_inputs``, ``accepted`` (the server's ``Accepted``), ``rejected``
+    (the :class:`~stepstream.errors.ReplyRejectedError` of the previous try at this step, when
+    ``reply_retries`` let the callback run again), ``pipeline`` (the :class:`RemotePipeline`).
+    Settable: ``_guidance_scale`` (and ``guidance_scale``), ``_interrupt`` (and ``interrupt``).
+    Anything else (``pipe.unet``, ``pipe.scheduler``) lives on the server and is not reachable."""
+
+    def __init__(self, pipeline: "RemotePipeline", accepted: pb.Accepted):
+        super().__init__(accepted.guidance_scale, len(accepted.timesteps))
+        self.pipeline = pipeline
+        self.accepted = accepted
+        self.timesteps = list(accepted.timesteps)
+        self.seed = accepted.seed
+        self.request_id = accepted.request_id
+        self.model = accepted.model
+        self.width = accepted.width
+        self.height = accepted.height
+        self._callback_tensor_inputs = list(accepted.callback_tensor_inputs)
+        self.step_index: Optional[int] = None
+        self.timestep: Optional[float] = None
+        self.rejected: Optional[errors.ReplyRejectedError] = None
+        self._tries = 0
+        self._last_step: Optional[pb.StepEnd] = None
+
     def _begin_step(self, step: pb.StepEnd) -> None:
         self.step_index = step.step_index
         self.timestep = step.timestep
@@ -159,6 +160,94 @@ class StepSession:
             "scheduler run on the server; a callback sees num_timesteps, timesteps, guidance_scale, "
             "do_classifier_free_guidance, interrupt and its callback_kwargs tensors"
         )
+
+
+# ----- diffusers scheduler objects → server scheduler names ------------------------------------
+
+
+def scheduler_settings(scheduler) -> Dict[str, Any]:
+    """The settings a diffusers scheduler object *sets*: its ``config`` without the keys it holds
+    only as class defaults (diffusers lists those in ``config["_use_default_values"]``) and
+    without private keys. A class, or an object without a config, sets nothing."""
+    if isinstance(scheduler, type):
+        return {}
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        config = dict(config)
+    defaults = set(config.get("_use_default_values") or ())
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaults}
+
+
+def _plain(x):
+    """numpy / torch values as Python ones."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    return x
+
+
+def _agrees(mine, theirs) -> bool:
+    """Whether a setting's value equals the server's effective one (numbers up to rounding)."""
+    mine = _plain(mine)
+    if isinstance(mine, bool) or isinstance(theirs, bool):
+        return type(mine) is bool and type(theirs) is bool and mine == theirs
+    if isinstance(theirs, str) and theirs in ("inf", "-inf", "nan") and isinstance(mine, (int, float)):
+        theirs = float(theirs)  # JSON has no infinity: the server writes these as strings
+    if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)):
+        if math.isnan(mine) or math.isnan(theirs):
+            return math.isnan(mine) and math.isnan(theirs)
+        return mine == theirs or math.isclose(mine, theirs, rel_tol=1e-6, abs_tol=0.0)
+    if isinstance(mine, list) and isinstance(theirs, list):
+        return len(mine) == len(theirs) and all(_agrees(a, b) for a, b in zip(mine, theirs))
+    return mine == theirs
+
+
+def map_scheduler(scheduler, scheduler_info: Sequence, model: str = "") -> str:
+    """The server scheduler name for a diffusers scheduler object (or class).
+
+    ``scheduler_info``: the model's ``ModelInfo.scheduler_info`` (``ListModels``). Candidates are
+    the entries of the object's class (``type(scheduler).__name__``); the first whose effective
+    config agrees with every setting the object sets (see :func:`scheduler_settings`) on the
+    keys that entry lists wins. Keys an entry does not list are not compared (they are not read
+    by that class, or only act under a listed setting). When no candidate agrees, ``ValueError``
+    names the first setting no candidate honours, with its value and what the server offers."""
+    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
+    name = cls.__name__
+    on = f" on model `{model}`" if model else ""
+    candidates: List[Tuple[str, Dict[str, Any]]] = [
+        (e.name, json.loads(e.config_json or "{}")) for e in scheduler_info if e.diffusers_class == name
+    ]
+    if not candidates:
+        classes = sorted({e.diffusers_class for e in scheduler_info})
+        offered = ", ".join(classes) if classes else "no scheduler classes (an older server: pass a name)"
+        raise ValueError(
+            f"the server has no scheduler for {name}{on}; it offers {offered}, or pass a name "
+            "from list_models()"
+        )
+    settings = scheduler_settings(scheduler)
+    for server_name, config in candidates:
+        if all(_agrees(v, config[k]) for k, v in settings.items() if k in config):
+            return server_name
+    compared = [k for k in settings if any(k in c for _, c in candidates)]
+
+    def offers(key: str) -> str:
+        return "; ".join(f"`{n}` has {key}={c[key]!r}" for n, c in candidates if key in c)
+
+    for key in compared:
+        if not any(key in c and _agrees(settings[key], c[key]) for _, c in candidates):
+            raise ValueError(
+                f"{name}({key}={settings[key]!r}) cannot be honoured by the server{on}: {offers(key)}"
+            )
+    # Each setting alone is offered, but no one name has them all.
+    together = ", ".join(f"{k}={settings[k]!r}" for k in compared)
+    per_name = "; ".join(
+        f"`{n}` differs in " + ", ".join(f"{k}={c[k]!r}" for k in compared if k in c and not _agrees(settings[k], c[k]))
+        for n, c in candidates
+    )
+    raise ValueError(f"{name}({together}) cannot be honoured by the server{on}: no name has these settings together ({per_name})")
 
 
 def _target_and_credentials(target: str, tls):
@@ -237,7 +326,19 @@ class RemotePipeline:
     (bytes or a path), or a dict with ``root_certificates`` / ``private_key`` /
     ``certificate_chain``.
     ``tensor_format``: what callbacks receive: ``"auto"`` (torch when importable), ``"torch"``,
-    ``"numpy"``."""
+    ``"numpy"``.
+
+    Like a diffusers pipeline, the object carries the state of its call: ``guidance_scale``,
+    ``_guidance_scale`` (settable), ``do_classifier_free_guidance``, ``num_timesteps``,
+    ``interrupt`` and ``_interrupt`` (settable). During a call (in its callback) they are that
+    call's, so a callback may use the pipeline object itself instead of its ``pipe`` argument;
+    after it they are the last call's. ``_callback_tensor_inputs`` is the model's list, from
+    ``ListModels``.
+
+    Threads: one object may run calls from several threads at once. The in-call view is per
+    thread (each thread's callback sees and steers its own call); outside a call, the attributes
+    are those of the call that finished last, on any thread. Before any call they raise
+    ``AttributeError``, as in diffusers."""
 
     def __init__(
         self,
@@ -268,6 +369,11 @@ class RemotePipeline:
         self._models: Optional[pb.ListModelsResponse] = None
         self._num_timesteps_cache: Dict[tuple, int] = {}
         self._progress: Dict[str, Any] = {}
+        # Per thread: the calls running on it, innermost last (a callback may call again).
+        self._local = threading.local()
+        # The state the last finished call left; replaced whole (one assignment), never edited
+        # by a running call, so readers on other threads need no lock.
+        self._last: Optional[CallState] = None
 
     # ----- diffusers-style conveniences -------------------------------------------------
 
@@ -304,6 +410,73 @@ class RemotePipeline:
             if m.id == want:
                 return m
         raise errors.ModelNotFoundError(grpc.StatusCode.NOT_FOUND, f"the server does not serve `{want}`")
+
+    @property
+    def _callback_tensor_inputs(self) -> List[str]:
+        """diffusers' ``pipe._callback_tensor_inputs``: the tensors this model lets a callback read
+        and replace (``ModelInfo.callback_tensor_inputs``)."""
+        return list(self.model_info.callback_tensor_inputs)
+
+    # ----- diffusers' call state: this thread's running call, else the last finished one ------
+
+    def _state(self) -> CallState:
+        calls = getattr(self._local, "calls", None)
+        if calls:
+            call = calls[-1]
+            if call.state is not None:
+                return call.state
+        if self._last is not None:
+            return self._last
+        raise AttributeError(
+            "no call has run on this pipeline yet: guidance_scale, num_timesteps, interrupt and "
+            "do_classifier_free_guidance are set by a call, as in diffusers"
+        )
+
+    @property
+    def guidance_scale(self) -> float:
+        """diffusers' ``pipe.guidance_scale``: this thread's call's, else the last call's."""
+        return self._state().guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._state().guidance_scale = value
+
+    @property
+    def _guidance_scale(self) -> float:
+        """diffusers' ``pipe._guidance_scale``; set it in a callback to change this call's guidance."""
+        return self._state()._guidance_scale
+
+    @_guidance_scale.setter
+    def _guidance_scale(self, value: float) -> None:
+        self._state()._guidance_scale = float(value)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' ``pipe.do_classifier_free_guidance``."""
+        return self._state().do_classifier_free_guidance
+
+    @property
+    def num_timesteps(self) -> int:
+        """diffusers' ``pipe.num_timesteps``: the number of the call's timesteps."""
+        return self._state().num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' ``pipe.interrupt``."""
+        return self._state().interrupt
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._state().interrupt = value
+
+    @property
+    def _interrupt(self) -> bool:
+        """diffusers' ``pipe._interrupt``; set it in a callback to stop this call after the step."""
+        return self._state()._interrupt
+
+    @_interrupt.setter
+    def _interrupt(self, value: bool) -> None:
+        self._state()._interrupt = bool(value)
 
     # ----- the call ----------------------------------------------------------------------
 
@@ -345,7 +518,9 @@ class RemotePipeline:
 
         ``seed``: the server's noise seed (``generator`` gives it too, via ``initial_seed()``).
         ``scheduler``: a server scheduler name (``"ddim"``, ``"euler"``; see ``list_models``) or a
-        diffusers scheduler instance/class; ``None``: the model's own.
+        diffusers scheduler instance (or class), mapped through ``ListModels``: the name of the
+        same class whose effective config agrees with every setting the instance sets; a
+        setting no name honours raises ``ValueError`` naming it. ``None``: the model's own.
         ``callback_on_step_end_steps``: the steps at which the callback may change something
         (indices, or a function of ``num_timesteps``). Only those steps make the server wait. A
         :class:`~stepstream.callbacks.PipelineCallback` says it itself; a plain function runs at
@@ -402,32 +577,46 @@ class RemotePipeline:
         req.output.format = pb.IMAGE_FORMAT_NONE if output_type == "latent" else pb.IMAGE_FORMAT_PNG
         req.output.return_latents = bool(return_latents)
 
-        run = _Run(self, req, fmt, output_type, timeout)
+        plan: Optional[_Plan] = None
         if callback_on_step_end is None:
             if observe_only:
                 raise ValueError("observe_only needs a callback_on_step_end to call")
+        else:
+            names = list(callback_on_step_end_tensor_inputs or [])
+            own = getattr(callback_on_step_end, "tensor_inputs", None)
+            if isinstance(own, (list, tuple)):
+                # diffusers: a PipelineCallback / MultiPipelineCallbacks brings its own tensor_inputs
+                # (here added to any given explicitly).
+                names = list(own) + names
+            elif callback_on_step_end_tensor_inputs is None:
+                names = ["latents"]  # diffusers' default
+            steps = callback_on_step_end_steps
+            if steps is None:
+                steps = getattr(callback_on_step_end, "step_indices", None)
+            plan = _Plan(
+                tensor_inputs=list(dict.fromkeys(names)),
+                steps=steps,
+                observe_only=observe_only,
+                reply_timeout_ms=reply_timeout_ms,
+                on_timeout=on_timeout,
+                wire_dtype=tensors.wire_dtype(wire_dtype),
+                reply_retries=int(reply_retries),
+            )
+
+        # This thread's running calls: the pipeline's attributes show the innermost one.
+        call = _Call()
+        calls = self._local.__dict__.setdefault("calls", [])
+        calls.append(call)
+        try:
+            run = _Run(self, req, fmt, output_type, timeout, call)
+            if plan is not None:
+                return run.finish(run.stream(callback_on_step_end, plan), return_dict)
             if self._progress_bar_wanted():
                 return run.finish(run.stream(None, _Plan(tensor_inputs=[], steps=None, observe_only=True)), return_dict)
             return run.finish(run.once(), return_dict)
-
-        names = list(callback_on_step_end_tensor_inputs or [])
-        own = getattr(callback_on_step_end, "tensor_inputs", None)
-        if isinstance(own, (list, tuple)):
-            # diffusers: a PipelineCallback / MultiPipelineCallbacks brings its own tensor_inputs
-            # (here added to any given explicitly).
-            names = list(own) + names
-        elif callback_on_step_end_tensor_inputs is None:
-            names = ["latents"]  # diffusers' default
-        plan = _Plan(
-            tensor_inputs=list(dict.fromkeys(names)),
-            steps=callback_on_step_end_steps if callback_on_step_end_steps is not None else getattr(callback_on_step_end, "step_indices", None),
-            observe_only=observe_only,
-            reply_timeout_ms=reply_timeout_ms,
-            on_timeout=on_timeout,
-            wire_dtype=tensors.wire_dtype(wire_dtype),
-            reply_retries=int(reply_retries),
-        )
-        return run.finish(run.stream(callback_on_step_end, plan), return_dict)
+        finally:
+            calls.pop()
+            self._finish_call(call, req)
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -440,15 +629,29 @@ class RemotePipeline:
             return False
         return True
 
-    @staticmethod
-    def _scheduler_name(s) -> str:
+    def _finish_call(self, call: "_Call", req: pb.GenerateRequest) -> None:
+        """Leaves the call's state on the pipeline, as diffusers leaves its attributes set."""
+        state = call.state
+        if state is None:
+            if call.completed is None:
+                return  # refused before it started: diffusers too keeps the previous values
+            # GenerateOnce reports no timesteps: the count this pipeline expects for the request.
+            try:
+                guidance = req.guidance_scale if req.HasField("guidance_scale") else self.model_info.default_guidance_scale
+                state = CallState(guidance, self._predict_num_timesteps(req)[1])
+            except errors.StepstreamError:
+                return  # ListModels failed just now: keep the previous values, keep the result
+        if call.completed is not None and call.completed.interrupted:
+            state._interrupt = True
+        self._last = state
+
+    def _scheduler_name(self, s) -> str:
+        """The server's name for scheduler ``s``: a name as is, a diffusers scheduler object (or
+        class) mapped through the model's ``ListModels`` ``scheduler_info``."""
         if isinstance(s, str):
             return s
-        cls = s if isinstance(s, type) else type(s)
-        try:
-            return _SCHEDULER_NAMES[cls.__name__]
-        except KeyError:
-            raise ValueError(f"no server scheduler for {cls.__name__}; pass a name from list_models()") from None
+        info = self.model_info
+        return map_scheduler(s, info.scheduler_info, info.id)
 
     def _predict_num_timesteps(self, req: pb.GenerateRequest):
         """(cache key, predicted num_timesteps) for a request: its steps, unless a previous
@@ -456,6 +659,14 @@ class RemotePipeline:
         steps = req.num_inference_steps or self.model_info.default_steps
         key = (req.model, req.scheduler, steps)
         return key, self._num_timesteps_cache.get(key, steps)
+
+
+class _Call:
+    """One call on one thread: its state once the server accepted it, and its result."""
+
+    def __init__(self):
+        self.state: Optional[CallState] = None
+        self.completed: Optional[pb.Completed] = None
 
 
 @dataclass
@@ -478,8 +689,10 @@ class _Resubscribe(Exception):
 class _Run:
     """One call: the request, then GenerateOnce or a Generate stream."""
 
-    def __init__(self, pipe: RemotePipeline, req: pb.GenerateRequest, fmt: str, output_type: str, timeout):
+    def __init__(self, pipe: RemotePipeline, req: pb.GenerateRequest, fmt: str, output_type: str, timeout,
+                 call: Optional["_Call"] = None):
         self.pipe = pipe
+        self.call = call if call is not None else _Call()
         self.req = req
         self.fmt = fmt
         self.output_type = output_type
@@ -487,9 +700,11 @@ class _Run:
 
     def once(self) -> pb.Completed:
         try:
-            return self.pipe._stub.GenerateOnce(self.req, metadata=self.pipe._metadata, timeout=self.timeout)
+            done = self.pipe._stub.GenerateOnce(self.req, metadata=self.pipe._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
+        self.call.completed = done
+        return done
 
     def stream(self, callback, plan: _Plan) -> pb.Completed:
         steps_of = plan.steps
@@ -551,6 +766,7 @@ class _Run:
                     if predicted is not None and len(acc.timesteps) != predicted:
                         raise _Resubscribe(len(acc.timesteps), acc.seed)
                     session = StepSession(self.pipe, acc)
+                    self.call.state = session  # what the pipeline object shows on this thread
                     bar = self._bar(len(acc.timesteps))
                 elif kind == "step_end":
                     if session is None:
@@ -572,6 +788,7 @@ class _Run:
                     outbox.put(pb.ClientMessage(reply=reply))
                 elif kind == "completed":
                     completed = msg.completed
+                    self.call.completed = completed
                     outbox.put(None)  # half-close; the server then ends the stream with OK
                     if bar is not None and not completed.interrupted:
                         bar.update(bar.total - bar.n)  # steps that sent no event ran too

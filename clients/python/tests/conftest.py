@@ -1,8 +1,9 @@
 """Fixtures: a stepstream server on 127.0.0.1 and the golden cases recorded with diffusers.
 
 The server is `$STEPSTREAM_TARGET` when set (the Rust test `tests/python_client.rs` starts one and
-sets it); otherwise `$STEPSTREAM_BIN` (default: the release build under target/) is started here on
-the tiny SD 1.5 fixture model.
+sets it); otherwise `$STEPSTREAM_BIN` (default: the release build under target/) is started here.
+Either way it serves both fixture models, the tiny SD 1.5 one (`tiny-sd15`, the default) and the
+tiny SDXL one (`tiny-sdxl`); tests pick one with `RemotePipeline(target, model=...)`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = Path(os.environ.get("STEPSTREAM_FIXTURES", REPO / "tests" / "fixtures"))
 
+SD15 = "tiny-sd15"
+SDXL = "tiny-sdxl"
+#: Both served models, for tests that run on each.
+MODELS = (SD15, SDXL)
+
 
 @pytest.fixture(scope="session")
 def target():
@@ -29,7 +35,8 @@ def target():
     if not Path(binary).is_file():
         pytest.fail(f"no server: set STEPSTREAM_TARGET, or build {binary} (cargo build --release)")
     proc = subprocess.Popen(
-        [binary, "serve", "--addr", "127.0.0.1:0", "--model", str(FIXTURES / "models" / "tiny-sd15")],
+        [binary, "serve", "--addr", "127.0.0.1:0",
+         "--model", str(FIXTURES / "models" / SD15), "--model", str(FIXTURES / "models" / SDXL)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -63,11 +70,12 @@ def load_safetensors(path: Path) -> dict:
 
 
 class Case:
-    """One recorded diffusers run of the tiny SD 1.5 model (see shared/golden/README.md)."""
+    """One recorded diffusers run of a fixture model (see shared/golden/README.md)."""
 
-    def __init__(self, name: str):
-        base = FIXTURES / "cases" / "tiny-sd15" / name
+    def __init__(self, name: str, model: str = SD15):
+        base = FIXTURES / "cases" / model / name
         self.name = name
+        self.model = model
         self.json = json.loads(base.with_suffix(".json").read_text())
         self.tensors = load_safetensors(base.with_suffix(".safetensors"))
 
@@ -98,10 +106,10 @@ class Case:
 def case():
     cache = {}
 
-    def get(name: str) -> Case:
-        if name not in cache:
-            cache[name] = Case(name)
-        return cache[name]
+    def get(name: str, model: str = SD15) -> Case:
+        if (model, name) not in cache:
+            cache[(model, name)] = Case(name, model)
+        return cache[(model, name)]
 
     return get
 

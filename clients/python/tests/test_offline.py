@@ -18,6 +18,7 @@ from stepstream import (
     TensorArray,
 )
 from stepstream import tensors as T
+from stepstream.pipeline import map_scheduler, scheduler_settings
 from stepstream.v1 import stepstream_pb2 as pb
 from stepstream.v1 import stepstream_pb2_grpc as rpc
 
@@ -153,3 +154,60 @@ def test_tls_with_given_root_certificates(tmp_path):
             RemotePipeline(f"localhost:{port}").list_models(timeout=5)
     finally:
         server.stop(None)
+
+
+# ---- scheduler objects → names, against a hand-made ListModels answer ----------------------------
+# (Stand-ins for diffusers schedulers: a class name and a `config` dict, which is all the client
+# reads; diffusers itself is not installed for the tests.)
+
+
+def infos(*entries):
+    return [pb.SchedulerInfo(name=n, diffusers_class=c, config_json=__import__("json").dumps(cfg))
+            for n, c, cfg in entries]
+
+
+class FancyScheduler:
+    def __init__(self, **config):
+        self.config = config
+
+
+def test_the_first_name_that_agrees_on_every_set_key_wins():
+    table = infos(
+        ("a", "FancyScheduler", {"x": 1, "y": "u"}),
+        ("b", "FancyScheduler", {"x": 2, "y": "u"}),
+        ("c", "FancyScheduler", {"x": 2, "y": "v"}),
+        ("o", "OtherScheduler", {"x": 3}),
+    )
+    assert map_scheduler(FancyScheduler(), table) == "a"  # sets nothing
+    assert map_scheduler(FancyScheduler(x=2), table) == "b"
+    assert map_scheduler(FancyScheduler(x=2, y="v"), table) == "c"
+    assert map_scheduler(FancyScheduler(y="v", zz=9), table) == "c"  # keys no name lists are not compared
+    assert map_scheduler(FancyScheduler, table) == "a"  # a class sets nothing
+    # diffusers' record of the arguments left at their defaults: those are not settings.
+    assert map_scheduler(FancyScheduler(x=1, y="v", _use_default_values=["x"]), table) == "c"
+
+
+def test_what_cannot_be_honoured_is_named_with_what_is_offered():
+    table = infos(("a", "FancyScheduler", {"x": 1, "y": "u"}), ("b", "FancyScheduler", {"x": 2, "y": "v"}))
+    with pytest.raises(ValueError) as e:
+        map_scheduler(FancyScheduler(y="w", x=7), table, "m")
+    msg = str(e.value)
+    assert msg.startswith("FancyScheduler(y='w') cannot be honoured by the server on model `m`"), msg
+    assert "`a` has y='u'; `b` has y='v'" in msg
+    # Each value alone is offered, but not together.
+    with pytest.raises(ValueError, match=r"FancyScheduler\(x=1, y='v'\).*no name has these settings together"):
+        map_scheduler(FancyScheduler(x=1, y="v"), table)
+    with pytest.raises(ValueError, match="no scheduler for OtherScheduler.*offers FancyScheduler"):
+        map_scheduler(type("OtherScheduler", (), {"config": {}})(), table)
+
+
+def test_values_compare_as_diffusers_holds_them():
+    table = infos(("a", "FancyScheduler", {"f": 0.00085, "n": 2, "b": False, "inf": "-inf", "l": [0.1, 0.2],
+                                           "z": None}))
+    ok = FancyScheduler(f=np.float64(0.00085), n=np.int64(2), b=np.bool_(False), inf=-float("inf"),
+                        l=np.array([0.1, 0.2]), z=None)
+    assert map_scheduler(ok, table) == "a"
+    for bad in (dict(b=0), dict(n=True), dict(inf=-5.0), dict(l=[0.1]), dict(z=0.0), dict(f=0.0009)):
+        with pytest.raises(ValueError):
+            map_scheduler(FancyScheduler(**bad), table)
+    assert scheduler_settings(FancyScheduler(a=1, _class_name="X", b=2, _use_default_values=["b"])) == {"a": 1}
