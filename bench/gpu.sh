@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU measurement (run on the device machine from the repository root, after
 # bench/gpu-prepare.sh here): fused-kernel checks, our bench (components in both kernel modes,
-# G2, G3, peak memory) and diffusers' on the same SD 1.5 shapes, same card, same run; then an
-# end-to-end generation through the server. Everything lands in $OUT (or ./gpu-out).
+# G2, G3, peak memory) and diffusers' on the same SD 1.5 shapes, same card, same run; sessions
+# sharing the device (1 to 16 at SD 1.5 512²); then an end-to-end generation through the
+# server. Everything lands in $OUT (or ./gpu-out).
 # A dry run on a CPU machine: STEPSTREAM_BIN=target/release/stepstream DEVICE=cpu DTYPE=f32
 # PYDEV=cpu PYTHON=/path/to/python-with-torch SIZE=64 G3SIZE=64 STEPS=2 RUNS=1 bash bench/gpu.sh
 set -u
@@ -26,8 +27,8 @@ export PYTHONUNBUFFERED=1
 
 echo "== ours: SD 1.5 shapes (zero weights), $DEVICE $DTYPE, ${SIZE}x${SIZE}, ${STEPS} steps"
 timeout 300 $SS bench --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" \
-  --steps "$STEPS" --runs "$RUNS" --g3-size "$G3SIZE" --kernels both 2>"$OUT/ours.log" \
-  | tee "$OUT/ours.txt"
+  --steps "$STEPS" --runs "$RUNS" --g3-size "$G3SIZE" --kernels both --skip-concurrency \
+  2>"$OUT/ours.log" | tee "$OUT/ours.txt"
 
 echo "== diffusers: same shapes (random weights), $PYDEV $DTYPE"
 # COMPILE=1 also times diffusers' UNet under torch.compile (the stretch goal; about a minute more).
@@ -36,6 +37,11 @@ timeout 300 $PYTHON bench/diffusers_bench.py --device "$PYDEV" --dtype "$DTYPE" 
 
 echo "== G1: ours / diffusers"
 $PYTHON bench/compare.py "$OUT/ours.txt" "$OUT/diffusers.txt" | tee "$OUT/g1.txt"
+
+echo "== sessions sharing the device: SD 1.5 shapes, ${SIZE}x${SIZE}, 1 to 16 sessions"
+timeout 240 $SS bench --random-weights sd15 --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" \
+  --steps "${CSTEPS:-10}" --skip-components --skip-g2 --skip-g3 --sessions 1,2,4,8,16 \
+  --concurrency-rounds 1 2>"$OUT/sessions.log" | tee "$OUT/sessions.txt"
 
 echo "== end to end: embedded tiny model served on $DEVICE $DTYPE, generate with a CFG cutoff"
 $SS serve --addr 127.0.0.1:50077 --device "$DEVICE" --dtype "$DTYPE" >"$OUT/serve.log" 2>&1 &

@@ -4,11 +4,14 @@
 //!   and the peak memory of the whole generation ([`components`]);
 //! - G2: what each callback mode adds to the denoising loop against no callback ([`g2`]);
 //! - G3: one blocking callback round trip against a raw TCP echo of the same bytes, taken in the
-//!   same run ([`g3`], [`tcp_echo_ms`]).
+//!   same run ([`g3`], [`tcp_echo_ms`]);
+//! - concurrency: N sessions at once against one at a time, and clients that think while an
+//!   observer runs ([`concurrency`]).
 //!
 //! Each section prints as a Markdown table; [`Report::json`] holds everything as one object.
 
 mod components;
+mod concurrency;
 mod echo;
 mod grpc;
 mod report;
@@ -18,6 +21,10 @@ use candle_core::{DType, Device};
 pub use components::{
     components, components_per_kernels, kernel_runs, ComponentRow, ComponentTimes, KernelChoice,
     KernelRun, PeakRow,
+};
+pub use concurrency::{
+    concurrency, concurrency_table, ConcurrencyOptions, ConcurrencyReport, ScalingRow, ThinkReport,
+    THINK_TARGET_RATIO,
 };
 pub use echo::{tcp_echo_ms, ECHO_ROUND_TRIPS, ECHO_WARMUP};
 pub use grpc::{g2, g3, G2Row, G3Report, G3Row, Loopback, G3_SIZE, G3_STEPS, G3_TARGET_RATIO};
@@ -47,6 +54,19 @@ pub struct BenchOptions {
     pub g3_steps: u32,
     /// Image side in pixels of the G3 generations ([`G3_SIZE`] for 1×4×64×64 latents).
     pub g3_size: u32,
+    /// Session counts of the concurrency section's scaling table.
+    pub sessions: Vec<usize>,
+    /// Thinking clients of the think-time scenario.
+    pub thinkers: usize,
+    /// Their think time before every reply, ms.
+    pub think_ms: u64,
+    /// Rounds of each concurrency measurement.
+    pub concurrency_rounds: usize,
+    /// The server's live sessions (`None`: the device's default; 1 schedules one generation at
+    /// a time, as the first wave did).
+    pub max_sessions: Option<usize>,
+    /// The server's rows per UNet call (`None`: the device's default).
+    pub max_batch: Option<usize>,
 }
 
 /// Which sections to measure.
@@ -58,6 +78,8 @@ pub struct Sections {
     pub g2: bool,
     /// G3: the callback round trip against a TCP echo.
     pub g3: bool,
+    /// Sessions sharing the device.
+    pub concurrency: bool,
 }
 
 /// A whole bench run: what to load, where, and what to measure.
@@ -147,7 +169,7 @@ pub async fn run(plan: BenchPlan, mut emit: impl FnMut(&str)) -> Result<Report, 
             report.peak_memory.as_deref().unwrap_or_default(),
         ));
     }
-    if !(plan.sections.g2 || plan.sections.g3) {
+    if !(plan.sections.g2 || plan.sections.g3 || plan.sections.concurrency) {
         return Ok(report);
     }
     crate::kernels::set_mode(runs_of_kernels[0].mode);
@@ -164,6 +186,19 @@ pub async fn run(plan: BenchPlan, mut emit: impl FnMut(&str)) -> Result<Report, 
         let g3 = g3(&mut lb, &plan.opts).await?;
         emit(&g3_table(&g3));
         report.g3 = Some(g3);
+    }
+    if plan.sections.concurrency {
+        let opts = ConcurrencyOptions {
+            sessions: plan.opts.sessions.clone(),
+            thinkers: plan.opts.thinkers,
+            think_ms: plan.opts.think_ms,
+            steps: plan.opts.steps,
+            size: report.size,
+            rounds: plan.opts.concurrency_rounds,
+        };
+        let c = concurrency(&mut lb, &opts).await?;
+        emit(&concurrency_table(&c));
+        report.concurrency = Some(c);
     }
     Ok(report)
 }
@@ -205,8 +240,8 @@ async fn start_engine(plan: &BenchPlan) -> Result<Engine, BenchError> {
         dtype: plan.dtype,
         models: vec![(plan.model_id.clone(), plan.source.clone())],
         max_queue: 64,
-        max_sessions,
-        max_batch,
+        max_sessions: plan.opts.max_sessions.unwrap_or(max_sessions).max(1),
+        max_batch: plan.opts.max_batch.unwrap_or(max_batch).max(1),
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })

@@ -65,7 +65,8 @@ struct BenchArgs {
     /// Use a real-sized architecture with zero weights instead of --model (`sd15`).
     #[arg(long)]
     random_weights: Option<String>,
-    /// Only the components and peak memory (the same as `--skip-g2 --skip-g3`).
+    /// Only the components and peak memory (the same as `--skip-g2 --skip-g3
+    /// --skip-concurrency`).
     #[arg(long)]
     components: bool,
     /// Kernel implementations to time the components under: fused, reference or both (in the
@@ -81,6 +82,28 @@ struct BenchArgs {
     /// Skip G3 (one callback round trip against a raw TCP echo).
     #[arg(long)]
     skip_g3: bool,
+    /// Skip the concurrency section (sessions sharing the device).
+    #[arg(long)]
+    skip_concurrency: bool,
+    /// Session counts of the concurrency section, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    sessions: Vec<usize>,
+    /// Thinking clients of the think-time scenario.
+    #[arg(long, default_value_t = 3)]
+    thinkers: usize,
+    /// Each thinker's think time before every reply, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    think_ms: u64,
+    /// Rounds of each concurrency measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    concurrency_rounds: usize,
+    /// The in-process server's live sessions (default: as `serve`); 1 schedules one
+    /// generation at a time, as before sessions shared the device.
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// The in-process server's rows per UNet call (default: as `serve`).
+    #[arg(long)]
+    max_batch: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -350,8 +373,9 @@ async fn bench(args: BenchArgs) -> Result<()> {
         components: !args.skip_components,
         g2: !args.skip_g2 && !args.components,
         g3: !args.skip_g3 && !args.components,
+        concurrency: !args.skip_concurrency && !args.components,
     };
-    if !(sections.components || sections.g2 || sections.g3) {
+    if !(sections.components || sections.g2 || sections.g3 || sections.concurrency) {
         bail!("every section is skipped: nothing to measure");
     }
     let (model_id, source) = match (&args.random_weights, &args.model) {
@@ -375,6 +399,12 @@ async fn bench(args: BenchArgs) -> Result<()> {
             size: args.size,
             g3_steps: args.g3_steps,
             g3_size: args.g3_size,
+            sessions: args.sessions.clone(),
+            thinkers: args.thinkers,
+            think_ms: args.think_ms,
+            concurrency_rounds: args.concurrency_rounds,
+            max_sessions: args.max_sessions,
+            max_batch: args.max_batch,
         },
         kernels: args.kernels,
         sections,

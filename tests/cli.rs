@@ -95,8 +95,22 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
         "2",
         "--g3-size",
         "64",
+        "--sessions",
+        "1,2",
+        "--concurrency-rounds",
+        "1",
+        "--thinkers",
+        "2",
+        "--think-ms",
+        "5",
     ]);
-    for heading in ["## Components", "## Peak memory", "## G2: ", "## G3: "] {
+    for heading in [
+        "## Components",
+        "## Peak memory",
+        "## G2: ",
+        "## G3: ",
+        "## Concurrency",
+    ] {
         assert!(stdout.contains(heading), "no `{heading}` in:\n{stdout}");
     }
     assert_eq!(stdout.lines().filter(|l| l.starts_with('{')).count(), 1);
@@ -153,6 +167,40 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert_eq!(g2[3]["target_pct"], 2.0);
     assert_eq!(g2[4]["target_pct"], 4.0);
 
+    let conc = &v["concurrency"];
+    let scaling = conc["scaling"].as_array().unwrap();
+    let shape: Vec<_> = scaling
+        .iter()
+        .map(|r| (r["sessions"].as_u64().unwrap(), r["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (1, "observe-only"),
+            (1, "blocking"),
+            (2, "observe-only"),
+            (2, "blocking")
+        ]
+    );
+    for r in scaling {
+        assert_eq!(r["identical"], true, "a shared run changed an image: {r}");
+        for key in [
+            "images_per_s",
+            "one_at_a_time_images_per_s",
+            "speedup",
+            "step_p50_ms",
+        ] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+        }
+    }
+    let think = &conc["think"];
+    assert_eq!(
+        (think["thinkers"].as_u64(), think["think_ms"].as_u64()),
+        (Some(2), Some(5))
+    );
+    assert!(think["ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(think["target_ratio"], 1.5);
+
     let components = v["components"].as_array().unwrap();
     assert_eq!(components.len(), 4);
     assert!(components.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0));
@@ -168,7 +216,7 @@ fn bench_components_alone_leaves_the_grpc_sections_null() {
         !stdout.contains("## G2") && !stdout.contains("## G3"),
         "{stdout}"
     );
-    assert!(v["g2"].is_null() && v["g3"].is_null());
+    assert!(v["g2"].is_null() && v["g3"].is_null() && v["concurrency"].is_null());
     assert_eq!(v["components"].as_array().unwrap().len(), 4);
 
     let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))

@@ -28,6 +28,8 @@ pub const G3_TARGET_RATIO: f64 = 2.0;
 pub struct Loopback {
     client: DiffusionClient<Channel>,
     model: proto::ModelInfo,
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// What one generation measured.
@@ -51,26 +53,40 @@ impl Loopback {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let model = engine.models()[0].clone();
+        let metrics = engine.metrics().clone();
         tokio::spawn(server::serve(
             engine,
             ServerConfig::default(),
             listener,
             std::future::pending(),
         ));
-        // The same transport settings as `stepstream::client::Client`.
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| BenchError::Setup(e.to_string()))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(server::HTTP2_STREAM_WINDOW))
-            .initial_connection_window_size(Some(server::HTTP2_CONNECTION_WINDOW))
-            .max_frame_size(Some(server::HTTP2_MAX_FRAME))
-            .connect()
-            .await
-            .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?;
-        let client = DiffusionClient::new(channel)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
-        Ok(Self { client, model })
+        let client = connect(addr).await?;
+        Ok(Self {
+            client,
+            model,
+            addr,
+            metrics,
+        })
+    }
+
+    /// Another client of the same server, on its own connection (as a separate user would be).
+    pub async fn another(&self) -> Result<Self, BenchError> {
+        Ok(Self {
+            client: connect(self.addr).await?,
+            model: self.model.clone(),
+            addr: self.addr,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// The gRPC client.
+    pub(super) fn client_mut(&mut self) -> &mut DiffusionClient<Channel> {
+        &mut self.client
+    }
+
+    /// The server engine's metrics (device busy time, rows per UNet call).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The served model.
@@ -123,8 +139,24 @@ impl Loopback {
     }
 }
 
+/// A client of `addr` with the same transport settings as `stepstream::client::Client`.
+async fn connect(addr: std::net::SocketAddr) -> Result<DiffusionClient<Channel>, BenchError> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| BenchError::Setup(e.to_string()))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(server::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(server::HTTP2_CONNECTION_WINDOW))
+        .max_frame_size(Some(server::HTTP2_MAX_FRAME))
+        .connect()
+        .await
+        .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?;
+    Ok(DiffusionClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20))
+}
+
 /// Sends one client message on the request stream.
-async fn send(
+pub(super) async fn send(
     tx: &mpsc::Sender<proto::ClientMessage>,
     kind: client_message::Kind,
 ) -> Result<(), BenchError> {

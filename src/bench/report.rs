@@ -37,6 +37,8 @@ pub struct Report {
     pub peak_memory: Option<Vec<PeakRow>>,
     /// The fused kernels against the f32 reference on fresh random inputs (none on the CPU).
     pub kernel_checks: Option<Vec<KernelCheckRow>>,
+    /// Sessions sharing the device.
+    pub concurrency: Option<super::ConcurrencyReport>,
 }
 
 /// One fused-kernel check, as reported.
@@ -126,6 +128,7 @@ impl Report {
             "size": self.size,
             "g3": self.g3,
             "g2": self.g2,
+            "concurrency": self.concurrency,
             "components": self.components,
             "peak_memory": self.peak_memory.as_deref().map(peak_json),
         });
