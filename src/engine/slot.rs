@@ -180,7 +180,8 @@ impl Slot {
     }
 
     /// The client left: stop the generation; a queued one gives its slot back at once. Rings
-    /// the device loop so that a live session's rows leave at the next tick.
+    /// the device loop so that a live session's rows leave at the next tick, and a queued one
+    /// is answered (its stream ends CANCELLED) without waiting for its turn.
     pub fn leave(&self) {
         self.cancel.cancel();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,6 +189,7 @@ impl Slot {
             SlotState::Queued(_) => {
                 *state = SlotState::Released;
                 self.admission.left_queue();
+                self.admission.doorbell.ring();
             }
             SlotState::Running(_) => self.admission.doorbell.ring(),
             SlotState::Released => {}
