@@ -67,6 +67,8 @@ pub struct BenchOptions {
     pub max_sessions: Option<usize>,
     /// The server's rows per UNet call (`None`: the device's default).
     pub max_batch: Option<usize>,
+    /// The server's gather window, % of a tick's step time (as `serve --batch-window-pct`).
+    pub batch_window_pct: u32,
 }
 
 /// Which sections to measure.
@@ -242,6 +244,7 @@ async fn start_engine(plan: &BenchPlan) -> Result<Engine, BenchError> {
         max_queue: 64,
         max_sessions: plan.opts.max_sessions.unwrap_or(max_sessions).max(1),
         max_batch: plan.opts.max_batch.unwrap_or(max_batch).max(1),
+        batch_window_pct: plan.opts.batch_window_pct,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })

@@ -104,6 +104,9 @@ struct BenchArgs {
     /// The in-process server's rows per UNet call (default: as `serve`).
     #[arg(long)]
     max_batch: Option<usize>,
+    /// The in-process server's gather window, % of a tick's step time (as `serve`).
+    #[arg(long, default_value_t = 10)]
+    batch_window_pct: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +143,10 @@ struct ServeArgs {
     /// and for f32 on a GPU, 32 for f16/bf16 on a GPU].
     #[arg(long, env = "STEPSTREAM_MAX_BATCH")]
     max_batch: Option<usize>,
+    /// How long a tick may wait for replies it has just asked for, in % of the last tick's
+    /// step time (at most 50 ms), so sessions that answer at once stay in one batch; 0: never.
+    #[arg(long, env = "STEPSTREAM_BATCH_WINDOW_PCT", default_value_t = 10)]
+    batch_window_pct: u32,
     /// The longest reply deadline a request may ask for, in milliseconds.
     #[arg(
         long,
@@ -341,6 +348,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         max_sessions: args.max_sessions.unwrap_or(default_sessions).max(1),
         max_batch: args.max_batch.unwrap_or(default_batch).max(1),
+        batch_window_pct: args.batch_window_pct,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })
@@ -405,6 +413,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
             concurrency_rounds: args.concurrency_rounds,
             max_sessions: args.max_sessions,
             max_batch: args.max_batch,
+            batch_window_pct: args.batch_window_pct,
         },
         kernels: args.kernels,
         sections,

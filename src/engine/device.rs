@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::doorbell::Doorbell;
 use super::live::{Live, Meta, Phase};
@@ -22,6 +22,9 @@ use crate::proto;
 /// encoding is interleaved between ticks so that it never holds ready sessions back for long.
 const ENCODES_PER_BUSY_TICK: usize = 1;
 
+/// The longest a tick is held for replies that were just asked for (see [`gather_until`]).
+const MAX_GATHER: Duration = Duration::from_millis(50);
+
 /// Runs the loop until the engine is dropped and every live session has ended.
 pub(super) fn run(
     config: &EngineConfig,
@@ -33,6 +36,8 @@ pub(super) fn run(
     let mut live: Vec<Live<'_>> = Vec::new();
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut open = true;
+    // How long the last tick's UNet calls took: the scale of the gather window.
+    let mut last_steps = Duration::ZERO;
     loop {
         // Everything submitted so far, in order; the queue's length is bounded by admission.
         while open {
@@ -55,6 +60,10 @@ pub(super) fn run(
             }
         }
         retire(&mut live, metrics);
+        if let Some(until) = gather_until(&live, last_steps, config.batch_window_pct, now) {
+            bell.wait(Some(until));
+            continue;
+        }
 
         let busy = Instant::now();
         // FIFO admission: queued jobs go live in order while there is room.
@@ -73,7 +82,11 @@ pub(super) fn run(
                 live.push(l);
             }
         }
+        let steps_start = Instant::now();
         let stepped = step_ready(&mut live, config.max_batch, metrics);
+        if stepped > 0 {
+            last_steps = steps_start.elapsed();
+        }
         let decoded = decode_finished(&mut live, metrics);
         if started + stepped + decoded > 0 {
             metrics
@@ -101,6 +114,31 @@ pub(super) fn run(
             bell.wait(wake);
         }
     }
+}
+
+/// When to start the next tick, if it should be held at all: some sessions are ready, and
+/// others were asked for a reply less than `pct`% of the last tick's step time ago (at most
+/// [`MAX_GATHER`]). Why: a client that answers at once takes well under a millisecond on
+/// loopback, but after a tick every blocking session waits at the same moment; without this
+/// the first reply would start a tick of one and the rest would follow in a second tick, so a
+/// batch of blocking sessions would split apart. The hold is bounded by each reply's own
+/// window, so a client that thinks longer than that sits the tick out and costs the others at
+/// most `pct`% of a step.
+fn gather_until(
+    live: &[Live<'_>],
+    last_steps: Duration,
+    pct: u32,
+    now: Instant,
+) -> Option<Instant> {
+    if pct == 0 || !live.iter().any(|l| l.is_ready()) {
+        return None;
+    }
+    let window = (last_steps * pct / 100).min(MAX_GATHER);
+    live.iter()
+        .filter_map(|l| l.waiting_since())
+        .map(|since| since + window)
+        .filter(|&until| until > now)
+        .max()
 }
 
 /// Queued jobs whose client left are answered now (their slot is already free).

@@ -148,6 +148,14 @@ impl<'m> Live<'m> {
             || (!self.outbox.is_empty() && self.phase != Phase::Done)
     }
 
+    /// When it began to wait for its client's reply, if it is waiting for one.
+    pub(super) fn waiting_since(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Waiting { since, .. } => Some(since),
+            _ => None,
+        }
+    }
+
     /// Done and every event delivered: the loop drops it.
     pub(super) fn is_finished(&self) -> bool {
         self.phase == Phase::Done && self.outbox.is_empty()

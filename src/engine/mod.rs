@@ -161,6 +161,9 @@ pub struct EngineConfig {
     pub max_sessions: usize,
     /// Rows in one UNet call (each session's images, doubled under CFG).
     pub max_batch: usize,
+    /// How long a tick may be held for replies just asked for, in % of the last tick's step
+    /// time (capped at 50 ms; 0: never held).
+    pub batch_window_pct: u32,
     /// Reply deadline when a request sets none.
     pub default_reply_timeout: Duration,
     /// The largest tensor a client may send, in bytes.

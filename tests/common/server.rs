@@ -108,6 +108,7 @@ pub async fn start(opts: Options) -> TestServer {
         max_queue: opts.max_queue,
         max_sessions: opts.max_sessions,
         max_batch: opts.max_batch,
+        batch_window_pct: 10,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
     })
