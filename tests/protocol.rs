@@ -130,18 +130,30 @@ async fn only_subscribed_steps_produce_events() {
     assert!(matches!(s.expect().await, Kind::Completed(_)));
 }
 
+/// Checked before the queue: refused at once, even while the only live place is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn step_indices_beyond_the_schedule_are_invalid() {
-    let srv = server::start(Default::default()).await;
-    let mut c = srv.client().await;
-    let cb = proto::CallbackOptions {
-        step_indices: vec![10],
+async fn step_indices_beyond_the_schedule_are_invalid_before_any_queueing() {
+    let srv = server::start(Options {
+        max_sessions: 1,
         ..Default::default()
-    };
-    let mut s = Session::start(&mut c, subscribed(10, cb)).await.unwrap();
-    let err = s.next().await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("step_indices"), "{}", err.message());
+    })
+    .await;
+    let mut c = srv.client().await;
+    let mut holder = Session::start(&mut c, subscribed(10, blocking(&[])))
+        .await
+        .unwrap();
+    let _ = first_step(&mut holder).await;
+    for (scheduler, steps, bad) in [("ddim", 10, 10), ("pndm", 10, 11), ("", 4, 4)] {
+        let cb = proto::CallbackOptions {
+            step_indices: vec![0, bad],
+            ..Default::default()
+        };
+        let mut req = subscribed(steps, cb);
+        req.scheduler = scheduler.into();
+        let err = Session::start(&mut c, req).await.err().expect("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{scheduler}");
+        assert!(err.message().contains("step_indices"), "{}", err.message());
+    }
 }
 
 /// Every malformed reply is answered with ReplyRejected naming the field, the server waits

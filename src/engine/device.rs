@@ -283,8 +283,7 @@ fn go_live<'m>(
     Some(l)
 }
 
-/// The Accepted event of a prepared session (and the check of its step indices, which needs
-/// the scheduler's timesteps).
+/// The Accepted event of a prepared session (its step indices were checked before it queued).
 fn accepted(
     request_id: &str,
     model: &StableDiffusionModel,
@@ -294,22 +293,6 @@ fn accepted(
     queue_position: u32,
 ) -> Result<proto::server_message::Kind, EngineError> {
     let timesteps = session.timesteps();
-    if let Some(sub) = subscription {
-        if let Some(&bad) = sub
-            .step_indices
-            .iter()
-            .find(|&&i| i as usize >= timesteps.len())
-        {
-            return Err(EngineError::InvalidRequest {
-                field: "start.callback.step_indices".into(),
-                reason: format!(
-                    "step index {bad} is out of range: this request has {} timesteps (0..{})",
-                    timesteps.len(),
-                    timesteps.len()
-                ),
-            });
-        }
-    }
     let wire = subscription
         .as_ref()
         .map(|s| s.wire_dtype)

@@ -285,8 +285,20 @@ pub struct Engine {
     admission: Arc<slot::Admission>,
     metrics: Arc<Metrics>,
     models: Arc<Vec<proto::ModelInfo>>,
+    schedules: Arc<Vec<Schedule>>,
     doorbell: Arc<Doorbell>,
 }
+
+/// What a model's timesteps follow from: its scheduler config and default scheduler. Kept off
+/// the device so that requests are checked against their timesteps before they queue.
+#[derive(Clone, Debug)]
+struct Schedule {
+    config: crate::schedulers::config::SchedulerConfig,
+    default: &'static str,
+}
+
+/// A model's card and its schedule, as the device thread reports them once loaded.
+type Loaded = (Vec<proto::ModelInfo>, Vec<Schedule>);
 
 impl Engine {
     /// Starts the device loop's thread, loads every model on it and returns once they are ready
@@ -314,7 +326,7 @@ impl Engine {
                 path: "device thread".into(),
                 source,
             })?;
-        let models = ready_rx
+        let (models, schedules) = ready_rx
             .await
             .map_err(|_| ModelError::Hub("the device thread died while loading models".into()))??;
         Ok(Engine {
@@ -327,8 +339,34 @@ impl Engine {
             ),
             metrics,
             models: Arc::new(models),
+            schedules: Arc::new(schedules),
             doorbell,
         })
+    }
+
+    /// The number of timesteps a request for model `index` runs: scheduler `name` ("" = the
+    /// model's own) at `steps` steps. Host arithmetic only (no tensors), so the server calls it
+    /// while validating, before the request queues.
+    pub fn num_timesteps(
+        &self,
+        index: usize,
+        name: &str,
+        steps: usize,
+    ) -> Result<usize, EngineError> {
+        let s = self
+            .schedules
+            .get(index)
+            .ok_or_else(|| EngineError::UnknownModel {
+                name: format!("#{index}"),
+                available: self.models.iter().map(|m| m.id.clone()).collect(),
+            })?;
+        let name = if name.is_empty() { s.default } else { name };
+        crate::schedulers::build(name, &s.config, steps, &Default::default())
+            .map(|sch| sch.timesteps().len())
+            .map_err(|e| EngineError::InvalidRequest {
+                field: "start.scheduler".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// The device loop's doorbell: ring it after handing the loop a reply or taking an event.
@@ -429,7 +467,7 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
 fn worker(
     config: EngineConfig,
     jobs: std::sync::mpsc::Receiver<Job>,
-    ready: oneshot::Sender<Result<Vec<proto::ModelInfo>, ModelError>>,
+    ready: oneshot::Sender<Result<Loaded, ModelError>>,
     metrics: Arc<Metrics>,
     bell: Arc<Doorbell>,
 ) {
@@ -472,7 +510,14 @@ fn worker(
         .iter()
         .map(|m| model_card(m, &config.device))
         .collect();
-    if ready.send(Ok(cards)).is_err() {
+    let schedules = models
+        .iter()
+        .map(|m| Schedule {
+            config: m.scheduler_config.clone(),
+            default: m.defaults.scheduler,
+        })
+        .collect();
+    if ready.send(Ok((cards, schedules))).is_err() {
         return;
     }
     device::run(&config, &models, jobs, &bell, &metrics);

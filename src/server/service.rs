@@ -89,6 +89,14 @@ impl DiffusionService {
         let started_at = Instant::now();
         let (index, card) = self.engine.find_model(&req.model)?;
         let valid = validation::validate(&req, card, &self.limits)?;
+        if let Some(sub) = &valid.subscription {
+            // Checked here, before the queue: a bad step index never waits its turn.
+            let p = &valid.params;
+            let n = self
+                .engine
+                .num_timesteps(index, &p.scheduler, p.num_inference_steps)?;
+            validation::check_step_indices(sub, n)?;
+        }
         let (slot, ahead) = self.engine.admit()?;
         let request_id = format!("{:016x}", validation::random_u64());
         let observe_only = valid

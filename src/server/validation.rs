@@ -296,6 +296,20 @@ fn validate_callback(
     })
 }
 
+/// Every subscribed step index must be one of the request's `timesteps` steps.
+pub fn check_step_indices(sub: &Subscription, timesteps: usize) -> Result<(), EngineError> {
+    match sub.step_indices.iter().find(|&&i| i as usize >= timesteps) {
+        Some(&bad) => Err(invalid(
+            "callback.step_indices",
+            format!(
+                "step index {bad} is out of range: this request has {timesteps} timesteps \
+                 (0..{timesteps})"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
