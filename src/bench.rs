@@ -23,13 +23,13 @@ pub use components::{
     KernelRun, PeakRow,
 };
 pub use concurrency::{
-    concurrency, concurrency_table, ConcurrencyOptions, ConcurrencyReport, ScalingRow, ThinkReport,
-    THINK_TARGET_RATIO,
+    concurrency, ConcurrencyOptions, ConcurrencyReport, ScalingRow, ThinkReport, THINK_TARGET_RATIO,
 };
 pub use echo::{tcp_echo_ms, ECHO_ROUND_TRIPS, ECHO_WARMUP};
 pub use grpc::{g2, g3, G2Row, G3Report, G3Row, Loopback, G3_SIZE, G3_STEPS, G3_TARGET_RATIO};
 pub use report::{
-    components_table, g2_table, g3_table, kernel_check_table, peak_table, KernelCheckRow, Report,
+    components_table, concurrency_table, g2_table, g3_table, kernel_check_table, peak_table,
+    KernelCheckRow, Report,
 };
 
 use crate::engine::{Engine, EngineConfig};

@@ -4,6 +4,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::components::{ComponentRow, PeakRow};
+use super::concurrency::ConcurrencyReport;
 use super::grpc::{G2Row, G3Report};
 use crate::devmem::PeakSource;
 
@@ -332,6 +333,51 @@ pub fn peak_table(rows: &[PeakRow]) -> String {
 }
 
 /// `yes` or `no`.
+/// The concurrency section as Markdown.
+pub fn concurrency_table(r: &ConcurrencyReport) -> String {
+    let mut out = format!(
+        "## Concurrency: sessions sharing the device\n\n\
+         {} steps at {}x{}, medians of {} rounds; a quarter of the sessions without CFG. \
+         \"Step\" is the time between a client's consecutive events.\n\n\
+         | sessions | mode | images/s | one at a time | speedup | step p50 ms | step p99 ms | \
+         step p50 alone ms | rows/UNet call | identical |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        r.steps, r.size, r.size, r.rounds
+    );
+    for row in &r.scaling {
+        out.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:.2}× | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+            row.sessions,
+            row.mode,
+            row.images_per_s,
+            row.one_at_a_time_images_per_s,
+            row.speedup,
+            row.step_p50_ms,
+            row.step_p99_ms,
+            row.one_at_a_time_step_p50_ms,
+            row.rows_per_call,
+            yes_no(row.identical),
+        ));
+    }
+    let t = &r.think;
+    out.push_str(&format!(
+        "\n**Think time:** {} clients each think {} ms before every reply; one observer starts \
+         just after them.\n\n\
+         | observer alone ms | observer with thinkers ms | ratio | goal | device busy |\n\
+         |---|---|---|---|---|\n\
+         | {:.1} | {:.1} | {:.2}× | ≤ {:.1}× {} | {:.0}% |\n\n",
+        t.thinkers,
+        t.think_ms,
+        t.observer_alone_ms,
+        t.observer_shared_ms,
+        t.ratio,
+        t.target_ratio,
+        if t.meets_target { "met" } else { "not met" },
+        t.busy_pct,
+    ));
+    out
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"
