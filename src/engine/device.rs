@@ -159,13 +159,13 @@ fn drop_departed(pending: &mut VecDeque<Job>, metrics: &Metrics) {
     });
 }
 
+/// The error a job stopped before it went live ends with (a cancelled flag with no reason
+/// cannot happen; it would read as the client's departure).
 fn stop_error(slot: &super::Slot) -> EngineError {
-    match slot.cancel_flag().reason() {
-        Some(super::StopReason::Shutdown) => EngineError::Unavailable(
-            "the server is shutting down; the generation was stopped".into(),
-        ),
-        _ => EngineError::Cancelled,
-    }
+    slot.cancel_flag()
+        .reason()
+        .unwrap_or(super::StopReason::ClientGone)
+        .error()
 }
 
 /// Ends a session with `e`: the client's stream reports it after the events already sent.

@@ -184,13 +184,9 @@ impl<'m> Live<'m> {
     /// its whole-generation deadline passed. A done session only delivers its last events.
     fn stop_reason(&self, now: Instant) -> Option<EngineError> {
         match self.link.cancel.reason() {
-            Some(StopReason::Shutdown) if self.phase != Phase::Done => {
-                return Some(EngineError::Unavailable(
-                    "the server is shutting down; the generation was stopped".into(),
-                ))
-            }
-            Some(StopReason::ClientGone) => return Some(EngineError::Cancelled),
-            _ => {}
+            Some(StopReason::Shutdown) if self.phase == Phase::Done => {}
+            Some(reason) => return Some(reason.error()),
+            None => {}
         }
         if self.link.events.is_closed() {
             return Some(EngineError::Cancelled);

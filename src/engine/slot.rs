@@ -21,6 +21,18 @@ pub enum StopReason {
     Shutdown,
 }
 
+impl StopReason {
+    /// The error a generation stopped for this reason ends with.
+    pub fn error(self) -> EngineError {
+        match self {
+            StopReason::ClientGone => EngineError::Cancelled,
+            StopReason::Shutdown => EngineError::Unavailable(
+                "the server is shutting down; the generation was stopped".into(),
+            ),
+        }
+    }
+}
+
 /// A stop flag shared by a session, its job and the engine's registry.
 #[derive(Clone, Debug, Default)]
 pub struct CancelFlag(Arc<AtomicU8>);

@@ -177,10 +177,7 @@ fn unfinished(verdict: &Verdict, slot: &Slot) -> EngineError {
     verdict
         .get()
         .unwrap_or_else(|| match slot.cancel_flag().reason() {
-            Some(crate::engine::StopReason::ClientGone) => EngineError::Cancelled,
-            Some(crate::engine::StopReason::Shutdown) => {
-                EngineError::Unavailable("the server is shutting down".into())
-            }
+            Some(reason) => reason.error(),
             None => EngineError::Internal("the generation ended without a result".into()),
         })
 }
