@@ -13,7 +13,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::models::{ModelError, ModelSource};
 use crate::pipeline::sd::{self, GenerateParams};
-use crate::pipeline::{CallbackError, NoCallback, PipelineError};
+use crate::pipeline::{NoCallback, PipelineError};
 use crate::proto;
 use crate::schedulers::config::PredictionType;
 
@@ -123,24 +123,8 @@ impl From<PipelineError> for EngineError {
                 field: format!("start.{field}"),
                 reason,
             },
-            PipelineError::Callback(CallbackError::Cancelled) => EngineError::Cancelled,
-            PipelineError::Callback(CallbackError::Shutdown) => EngineError::Unavailable(
-                "the server is shutting down; the generation was stopped".into(),
-            ),
-            PipelineError::Callback(CallbackError::Deadline { timeout_ms }) => {
-                EngineError::DeadlineExceeded { timeout_ms }
-            }
-            PipelineError::Callback(CallbackError::ReplyTimeout {
-                step_index,
-                timeout_ms,
-            }) => EngineError::ReplyTimeout {
-                step_index,
-                timeout_ms,
-            },
-            PipelineError::Callback(CallbackError::ClientStalled { timeout_ms }) => {
-                EngineError::ClientStalled { timeout_ms }
-            }
-            PipelineError::Callback(CallbackError::Protocol(m)) => EngineError::Protocol(m),
+            // The device loop runs no StepCallback, so no callback error reaches it: the
+            // rest are failures of the model code.
             other => EngineError::Internal(other.to_string()),
         }
     }

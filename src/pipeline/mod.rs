@@ -42,36 +42,14 @@ pub enum PipelineError {
     Image(String),
 }
 
-/// Why a callback stopped the loop.
+/// Why an in-process [`StepCallback`] stopped the loop. (The server's sessions do not run
+/// through this trait: the engine steps them itself and reports its own errors.)
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum CallbackError {
-    /// The client went away (half-close, cancel, disconnect).
+    /// The callback's owner went away or asked to stop.
     #[error("the client ended the session")]
     Cancelled,
-    /// The server is shutting down.
-    #[error("the server is shutting down")]
-    Shutdown,
-    /// The whole generation ran past its deadline (the client's `grpc-timeout`).
-    #[error("the generation ran past its deadline of {timeout_ms} ms")]
-    Deadline {
-        /// The deadline, from the start of the request.
-        timeout_ms: u64,
-    },
-    /// No valid reply came before the deadline and the request said to abort.
-    #[error("no valid reply for step {step_index} within {timeout_ms} ms")]
-    ReplyTimeout {
-        /// The step waited on.
-        step_index: usize,
-        /// The deadline used.
-        timeout_ms: u64,
-    },
-    /// The client stopped reading events: one could not be delivered within the deadline.
-    #[error("the client read no event for {timeout_ms} ms")]
-    ClientStalled {
-        /// The deadline used.
-        timeout_ms: u64,
-    },
-    /// The client broke the protocol in a way that cannot be answered with ReplyRejected.
+    /// The callback broke its contract in a way that cannot be answered with a rejection.
     #[error("protocol error: {0}")]
     Protocol(String),
 }
