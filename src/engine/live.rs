@@ -66,6 +66,17 @@ pub(super) enum Phase {
     Done,
 }
 
+impl Phase {
+    /// Where a session stands when nothing holds it: stepping, or decoding once its loop is over.
+    fn stepping(session: &Session<'_>) -> Phase {
+        if session.is_done() {
+            Phase::Decode
+        } else {
+            Phase::Ready
+        }
+    }
+}
+
 /// The fixed facts of a live session, from its job.
 pub(super) struct Meta {
     pub(super) request_id: String,
@@ -101,11 +112,7 @@ impl<'m> Live<'m> {
         link: SessionLink,
         accepted: Kind,
     ) -> Self {
-        let phase = if session.is_done() {
-            Phase::Decode
-        } else {
-            Phase::Ready
-        };
+        let phase = Phase::stepping(&session);
         Self {
             meta,
             session: Some(session),
@@ -303,11 +310,7 @@ impl<'m> Live<'m> {
         if let Some(control) = control {
             session.apply(control).map_err(EngineError::from)?;
         }
-        self.phase = if session.is_done() {
-            Phase::Decode
-        } else {
-            Phase::Ready
-        };
+        self.phase = Phase::stepping(session);
         Ok(())
     }
 
@@ -378,8 +381,7 @@ impl<'m> Live<'m> {
             .step_state(&tensors)
             .ok_or_else(|| EngineError::Internal("no step state after a step".into()))?;
         metrics.step_latency.observe_ms(state.step_ms);
-        let done = session.is_done();
-        let mut next = if done { Phase::Decode } else { Phase::Ready };
+        let mut next = Phase::stepping(session);
         if let Some(sub) = &self.sub {
             if sub.wants(state.step_index) {
                 let step_end = step_end(&state, sub)?;

@@ -106,9 +106,6 @@ pub struct GenerationOutput {
     pub timings: Timings,
 }
 
-/// A prepared generation: the resumable [`Session`] that `prepare` returns.
-pub type Prepared<'m> = Session<'m>;
-
 fn invalid(field: &str, reason: impl Into<String>) -> PipelineError {
     PipelineError::InvalidRequest {
         field: field.to_string(),
