@@ -5,11 +5,18 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/stepstream/v1/stepstream.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    // The contract, and the xDS ORCA load-report service that balancers read.
+    let protos = [
+        "proto/stepstream/v1/stepstream.proto",
+        "proto/xds/data/orca/v3/orca_load_report.proto",
+        "proto/xds/service/orca/v3/orca.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
 
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("stepstream_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;

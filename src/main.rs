@@ -207,8 +207,13 @@ struct ServeArgs {
         default_value_t = 10_000
     )]
     tls_handshake_timeout_ms: u64,
-    /// On SIGINT/SIGTERM, how long in-flight generations may finish before they end with
-    /// UNAVAILABLE, in milliseconds.
+    /// On SIGINT/SIGTERM, health turns NOT_SERVING at once and new streams are still served
+    /// for this long, in milliseconds, so balancers notice first (keep it at least two of
+    /// their health-check intervals); then new streams are refused with UNAVAILABLE.
+    #[arg(long, env = "STEPSTREAM_DRAIN_GRACE_MS", default_value_t = 5_000)]
+    drain_grace_ms: u64,
+    /// After the grace, how long admitted generations (queued ones included) may finish before
+    /// they end with UNAVAILABLE, in milliseconds.
     #[arg(long, env = "STEPSTREAM_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     drain_timeout_ms: u64,
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090).
@@ -337,6 +342,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tokens,
         tls,
         reflection: !args.no_reflection,
+        drain_grace: Duration::from_millis(args.drain_grace_ms),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         log_prompts: args.log_prompts,
     };

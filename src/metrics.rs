@@ -139,6 +139,49 @@ pub struct Metrics {
     pub sessions_ready: AtomicU64,
     /// Live sessions waiting for their client's reply (or for it to read events).
     pub sessions_waiting: AtomicU64,
+    /// UNet rows the live sessions that are not waiting on their client want at the next tick.
+    pub rows_wanted: AtomicU64,
+    /// UNet rows of the generations queued for a live place.
+    pub rows_queued: AtomicU64,
+    /// The device's live-session capacity (`--max-sessions`).
+    pub max_sessions: AtomicU64,
+    /// The device's rows per UNet call (`--max-batch`).
+    pub max_batch: AtomicU64,
+    /// Open ORCA load-report streams (one per balancer that reads this replica's load).
+    pub orca_streams: AtomicU64,
+}
+
+/// A replica's load at the last tick of its device loop, as balancers and autoscalers read it
+/// (Prometheus gauges and ORCA reports are both made from this one snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Load {
+    /// Sessions live on the device.
+    pub live: u64,
+    /// Live sessions waiting for their client (they hold a place but no compute).
+    pub waiting: u64,
+    /// Generations admitted and not yet live.
+    pub queued: u64,
+    /// Live-session capacity.
+    pub max_sessions: u64,
+    /// Rows per UNet call.
+    pub max_batch: u64,
+    /// Rows the live, non-waiting sessions want.
+    pub rows_wanted: u64,
+    /// Rows of the queued generations.
+    pub rows_queued: u64,
+}
+
+impl Load {
+    /// UNet rows still free in the next call: room for more sessions at no extra tick.
+    pub fn batch_rows_free(&self) -> u64 {
+        self.max_batch.saturating_sub(self.rows_wanted)
+    }
+
+    /// Compute demand over capacity: (rows wanted + rows queued) / rows per call. At 1.0 the
+    /// device's calls are full; above it generations queue (the autoscaler's target is 1.0).
+    pub fn ratio(&self) -> f64 {
+        (self.rows_wanted + self.rows_queued) as f64 / self.max_batch.max(1) as f64
+    }
 }
 
 impl Default for Metrics {
@@ -155,6 +198,11 @@ impl Default for Metrics {
             sessions_live: AtomicU64::new(0),
             sessions_ready: AtomicU64::new(0),
             sessions_waiting: AtomicU64::new(0),
+            rows_wanted: AtomicU64::new(0),
+            rows_queued: AtomicU64::new(0),
+            max_sessions: AtomicU64::new(0),
+            max_batch: AtomicU64::new(0),
+            orca_streams: AtomicU64::new(0),
         }
     }
 }
@@ -179,6 +227,20 @@ impl Metrics {
             .position(|(o, _)| *o == outcome)
             .map(|i| self.requests[i].load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// The load as of the device loop's last tick.
+    pub fn load(&self) -> Load {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Load {
+            live: get(&self.sessions_live),
+            waiting: get(&self.sessions_waiting),
+            queued: get(&self.queue_depth),
+            max_sessions: get(&self.max_sessions),
+            max_batch: get(&self.max_batch),
+            rows_wanted: get(&self.rows_wanted),
+            rows_queued: get(&self.rows_queued),
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -244,6 +306,31 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let load = self.load();
+        for (name, help, v) in [
+            (
+                "stepstream_max_sessions",
+                "Live-session capacity of the device (--max-sessions).",
+                load.max_sessions as f64,
+            ),
+            (
+                "stepstream_batch_rows_free",
+                "UNet rows free in the next call (rows per call less those live sessions want).",
+                load.batch_rows_free() as f64,
+            ),
+            (
+                "stepstream_load_ratio",
+                "Rows wanted by live and queued sessions over rows per call: 1 is a full device, above 1 a queue (the autoscaling target).",
+                load.ratio(),
+            ),
+            (
+                "stepstream_orca_streams",
+                "Open ORCA out-of-band load-report streams (balancers reading this replica's load).",
+                self.orca_streams.load(Ordering::Relaxed) as f64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
         out
     }
 }
@@ -296,8 +383,35 @@ mod tests {
             "stepstream_unet_batch_rows_bucket{le=\"1\"} 0",
             "stepstream_sessions_live 0",
             "stepstream_sessions_waiting 0",
+            "stepstream_batch_rows_free 0",
+            "stepstream_load_ratio 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_load_ratio_counts_wanted_and_queued_rows_against_one_call() {
+        let load = Load {
+            live: 3,
+            waiting: 1,
+            queued: 2,
+            max_sessions: 4,
+            max_batch: 8,
+            rows_wanted: 4,
+            rows_queued: 8,
+        };
+        assert_eq!(load.batch_rows_free(), 4);
+        assert_eq!(load.ratio(), 1.5);
+        // More rows wanted than one call holds: none free, never negative.
+        let full = Load {
+            rows_wanted: 12,
+            rows_queued: 0,
+            ..load
+        };
+        assert_eq!(full.batch_rows_free(), 0);
+        assert_eq!(full.ratio(), 1.5);
+        // An engine not yet started (capacity 0) reads as unloaded, not as a division by zero.
+        assert_eq!(Load::default().ratio(), 0.0);
     }
 }

@@ -214,7 +214,13 @@ async fn metrics_are_served_as_prometheus_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_ends_open_streams_with_unavailable_and_exits() {
     let drain_ms = 500;
-    let mut server = common::process::spawn_serve(["--drain-timeout-ms", &drain_ms.to_string()]);
+    // No grace (tests/replica.rs covers it): this is about the drain bound.
+    let mut server = common::process::spawn_serve([
+        "--drain-grace-ms",
+        "0",
+        "--drain-timeout-ms",
+        &drain_ms.to_string(),
+    ]);
     let addr: std::net::SocketAddr = server.addr.parse().unwrap();
     let mut c = server::connect(addr).await;
     let mut s = Session::start(

@@ -33,6 +33,12 @@ pub(super) fn run(
     bell: &Doorbell,
     metrics: &Metrics,
 ) {
+    metrics
+        .max_sessions
+        .store(config.max_sessions as u64, Ordering::Relaxed);
+    metrics
+        .max_batch
+        .store(config.max_batch as u64, Ordering::Relaxed);
     let mut live: Vec<Live<'_>> = Vec::new();
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut open = true;
@@ -106,6 +112,15 @@ pub(super) fn run(
         metrics
             .sessions_waiting
             .store(waiting as u64, Ordering::Relaxed);
+        // The load report (metrics, ORCA): compute the live sessions want, and the queue's.
+        let rows_wanted: usize = live.iter().map(|l| l.rows_wanted()).sum();
+        let rows_queued: usize = pending.iter().map(|j| j.rows()).sum();
+        metrics
+            .rows_wanted
+            .store(rows_wanted as u64, Ordering::Relaxed);
+        metrics
+            .rows_queued
+            .store(rows_queued as u64, Ordering::Relaxed);
         let can_start = !pending.is_empty() && live.len() < config.max_sessions;
         if ready == 0 && !can_start {
             // Nothing to compute: sleep until a ring (reply, departure, new job, room for

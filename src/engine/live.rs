@@ -149,6 +149,15 @@ impl<'m> Live<'m> {
         self.phase == Phase::Ready && self.outbox.is_empty()
     }
 
+    /// UNet rows it wants at the next tick: its rows while it is stepping and not held by its
+    /// client, else none (waiting, decoding or done sessions take no UNet compute).
+    pub(super) fn rows_wanted(&self) -> usize {
+        match &self.session {
+            Some(s) if self.is_ready() => s.rows(),
+            _ => 0,
+        }
+    }
+
     /// Waiting for its client: a reply, or room for its events.
     pub(super) fn is_waiting(&self) -> bool {
         matches!(self.phase, Phase::Waiting { .. })

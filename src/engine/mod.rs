@@ -262,6 +262,19 @@ pub struct Job {
     pub span: tracing::Span,
 }
 
+impl Job {
+    /// UNet rows it will take once live: its images, doubled under CFG (an upper estimate: a
+    /// guidance-distilled model never doubles).
+    pub fn rows(&self) -> usize {
+        let images = self.params.num_images_per_prompt.max(1);
+        if self.params.guidance_scale > 1.0 {
+            2 * images
+        } else {
+            images
+        }
+    }
+}
+
 /// The engine as the server sees it: model cards, admission, submission.
 #[derive(Clone)]
 pub struct Engine {

@@ -10,12 +10,16 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
+use tonic_health::ServingStatus;
+
 use crate::engine::Engine;
 use crate::proto;
 use crate::proto::diffusion_server::DiffusionServer;
+use crate::proto::xds::service::orca::v3::open_rca_service_server::OpenRcaServiceServer;
 
 pub mod auth;
 mod error;
+pub mod orca;
 pub mod service;
 pub mod validation;
 
@@ -30,6 +34,14 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
 /// Largest HTTP/2 frame a stepstream endpoint accepts (bytes): a 64 KiB latents message travels
 /// as one DATA frame instead of five.
 pub const HTTP2_MAX_FRAME: u32 = 1 << 20;
+/// The default drain grace: above two health-check intervals of the shipped balancer configs
+/// (Envoy checks every second, Kubernetes readiness every two).
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// The grpc.health.v1 service name that stays SERVING while the process runs (for liveness
+/// probes): unlike `""`, it does not turn NOT_SERVING on a drain, so a draining replica is not
+/// restarted by its liveness probe.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// PEM material for TLS.
 #[derive(Clone)]
 pub struct TlsFiles {
@@ -72,7 +84,12 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Serve gRPC reflection.
     pub reflection: bool,
-    /// On shutdown, how long in-flight generations may run before they end with UNAVAILABLE.
+    /// On shutdown, how long new streams are still served after health turns NOT_SERVING, so
+    /// that balancers see it (at least two of their health-check intervals) before any stream
+    /// is refused.
+    pub drain_grace: Duration,
+    /// After the grace, how long admitted generations (queued ones included) may run before
+    /// they end with UNAVAILABLE.
     pub drain_timeout: Duration,
     /// Log prompts at info level.
     pub log_prompts: bool,
@@ -89,6 +106,7 @@ impl Default for ServerConfig {
             tokens: None,
             tls: None,
             reflection: true,
+            drain_grace: DEFAULT_DRAIN_GRACE,
             drain_timeout: Duration::from_secs(30),
             log_prompts: false,
         }
@@ -106,11 +124,15 @@ pub enum ServeError {
     Reflection(String),
 }
 
-/// Serves the Diffusion service, health (`grpc.health.v1`) and, unless turned off, reflection
-/// (v1 and v1alpha) on `listener` until `shutdown` resolves. Health reports SERVING: the
-/// engine's models are loaded. On shutdown: health goes NOT_SERVING, new generations are refused
-/// with UNAVAILABLE, in-flight ones may finish within `drain_timeout`, then the rest end with
-/// UNAVAILABLE and the function returns.
+/// Serves the Diffusion service, health (`grpc.health.v1`), ORCA load reports and, unless turned
+/// off, reflection (v1 and v1alpha) on `listener` until `shutdown` resolves. Health reports
+/// SERVING for `""`, the Diffusion service and [`LIVENESS_SERVICE`]: the engine's models are
+/// loaded. On shutdown (a drain that loses nothing behind a balancer):
+/// 1. health for `""` and the Diffusion service goes NOT_SERVING at once;
+/// 2. new streams are still served for `drain_grace`, while balancers notice;
+/// 3. then new streams are refused with UNAVAILABLE before any response (retryable elsewhere);
+/// 4. admitted generations, queued ones included, may finish within `drain_timeout`; the rest
+///    end with UNAVAILABLE, and the function returns.
 pub async fn serve(
     engine: Engine,
     config: ServerConfig,
@@ -120,6 +142,9 @@ pub async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<DiffusionServer<DiffusionService>>()
+        .await;
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
     let (reflection_v1, reflection_v1alpha) = if config.reflection {
         // Our contract and health's, served by both reflection versions.
@@ -151,23 +176,36 @@ pub async fn serve(
         Ok(req)
     });
 
-    // Shutdown: stop admitting, let in-flight work drain, then stop it; the transport then
-    // closes its connections. A hard bound keeps a stuck connection from holding the process.
+    // Shutdown: NOT_SERVING, a grace while balancers notice, stop admitting, let admitted work
+    // drain, then stop it; the transport then closes its connections. A hard bound keeps a
+    // stuck connection from holding the process.
     let (hard_stop_tx, hard_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health_reporter.clone();
     let drain_engine = engine.clone();
     let drain_timeout = config.drain_timeout;
+    let drain_grace = config.drain_grace;
     let graceful = async move {
         shutdown.await;
+        // Readiness off first: balancers stop choosing this replica at their next check.
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         reporter
             .set_not_serving::<DiffusionServer<DiffusionService>>()
             .await;
-        drain_engine.begin_drain();
-        let active = drain_engine.active();
         tracing::info!(
-            active,
+            active = drain_engine.active(),
+            grace_ms = drain_grace.as_millis() as u64,
             drain_ms = drain_timeout.as_millis() as u64,
-            "shutting down: draining"
+            "shutting down: NOT_SERVING, still serving new streams for the grace period"
+        );
+        // Why serve during the grace: until a balancer has seen NOT_SERVING it still sends new
+        // streams here, and refusing them would fail those whose retries are spent or off.
+        tokio::time::sleep(drain_grace).await;
+        drain_engine.begin_drain();
+        tracing::info!(
+            active = drain_engine.active(),
+            "grace over: refusing new streams, draining admitted ones"
         );
         let deadline = tokio::time::Instant::now() + drain_timeout;
         while drain_engine.active() > 0 && tokio::time::Instant::now() < deadline {
@@ -201,8 +239,11 @@ pub async fn serve(
         }
         builder = builder.tls_config(tls_config)?;
     }
+    // Load reports stay open like health: balancers read them without the clients' tokens.
+    let orca = OpenRcaServiceServer::new(orca::OrcaService::new(engine.metrics().clone()));
     let router = builder
         .add_service(health_service)
+        .add_service(orca)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(diffusion);
