@@ -38,12 +38,14 @@ from .errors import (
     StepstreamError,
 )
 from .pipeline import Generator, PipelineOutput, RemotePipeline, StepSession
+from .retry import RetryPolicy
 from .tensors import TensorArray
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RemotePipeline",
+    "RetryPolicy",
     "StepSession",
     "PipelineOutput",
     "Generator",

@@ -1,7 +1,10 @@
 """Typed errors. Every failure of a remote call is a :class:`StepstreamError`.
 
 * :class:`StatusError` and its subclasses: the server (or the channel) ended the call with a gRPC
-  status; ``code`` is the :class:`grpc.StatusCode`, ``details`` the server's message.
+  status; ``code`` is the :class:`grpc.StatusCode`, ``details`` the server's message,
+  ``steps_completed`` how many denoising steps had run when a generation failed (``0`` when it
+  was refused before ``Accepted``; the message then starts "failed after 3 of 10 steps: ..."),
+  ``attempts`` how many times the call was made (see :class:`~stepstream.RetryPolicy`).
 * :class:`ReplyRejectedError`: the server refused a reply the callback produced (``step_index``,
   ``field``, ``reason``). The server itself keeps waiting for a corrected reply; the pipeline
   raises this unless ``reply_retries`` lets the callback try again (see ``pipe.rejected``).
@@ -28,6 +31,7 @@ __all__ = [
     "ReplyRejectedError",
     "ProtocolError",
     "from_rpc_error",
+    "annotate",
 ]
 
 
@@ -36,12 +40,32 @@ class StepstreamError(Exception):
 
 
 class StatusError(StepstreamError):
-    """The call ended with a gRPC status other than OK."""
+    """The call ended with a gRPC status other than OK.
+
+    ``code``: the :class:`grpc.StatusCode`; ``details``: the server's message;
+    ``trailing_metadata``: the status's trailing metadata (e.g. ``grpc-retry-pushback-ms``).
+    For a generation: ``steps_completed``, the denoising steps that had run (a lower bound when
+    the call subscribed to only some steps: the last ``StepEnd`` seen; ``0`` before ``Accepted``;
+    ``None`` when unknown, as for ``GenerateOnce``), ``num_steps``, the generation's timestep
+    count once ``Accepted`` said it, and ``attempts``, how many times the call was made."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
         self.code = code
         self.details = details
+        self.trailing_metadata: tuple = ()
+        self.steps_completed: Optional[int] = None
+        self.num_steps: Optional[int] = None
+        self.attempts: int = 1
+        self._notes: list = []
         super().__init__(f"{code.name}: {details}")
+
+    def _message(self) -> str:
+        msg = f"{self.code.name}: {self.details}"
+        if self.num_steps is not None and self.steps_completed is not None:
+            msg = f"failed after {self.steps_completed} of {self.num_steps} steps: {msg}"
+        if self._notes:
+            msg += f" ({'; '.join(self._notes)})"
+        return msg
 
 
 class InvalidRequestError(StatusError):
@@ -113,5 +137,28 @@ def from_rpc_error(e: grpc.RpcError) -> StatusError:
     details = e.details() if hasattr(e, "details") else str(e)
     cls = _BY_CODE.get(code, StatusError)
     err = cls(code, details or "")
+    try:
+        err.trailing_metadata = tuple(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else ()
+    except Exception:  # pragma: no cover - a call object without its status
+        err.trailing_metadata = ()
     err.__cause__ = None
+    return err
+
+
+def annotate(
+    err: StatusError,
+    *,
+    steps_completed: Optional[int] = None,
+    num_steps: Optional[int] = None,
+    note: Optional[str] = None,
+) -> StatusError:
+    """Records on ``err`` how far its generation got and why it was (not) retried, and rewrites
+    its message to say so ("failed after 3 of 10 steps: UNAVAILABLE: ... (note)")."""
+    if steps_completed is not None:
+        err.steps_completed = int(steps_completed)
+    if num_steps is not None:
+        err.num_steps = int(num_steps)
+    if note:
+        err._notes.append(note)
+    err.args = (err._message(),)
     return err

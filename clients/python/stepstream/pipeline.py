@@ -8,6 +8,7 @@ import json
 import math
 import queue
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -16,6 +17,8 @@ import grpc
 import numpy as np
 
 from . import errors, tensors
+from . import retry as _retry
+from .retry import DEFAULT_RETRY, RetryPolicy
 from .v1 import stepstream_pb2 as pb
 from .v1 import stepstream_pb2_grpc as rpc
 
@@ -327,6 +330,13 @@ class RemotePipeline:
     ``certificate_chain``.
     ``tensor_format``: what callbacks receive: ``"auto"`` (torch when importable), ``"torch"``,
     ``"numpy"``.
+    ``retry``: a :class:`~stepstream.RetryPolicy` for generations the server refuses before
+    admitting them (``UNAVAILABLE`` from a draining replica, ``RESOURCE_EXHAUSTED`` from a full
+    queue, before ``Accepted``): they are made again, after the server's
+    ``grpc-retry-pushback-ms`` or an exponential backoff, within the call's ``timeout``. The
+    default makes 5 attempts, waiting 50 ms doubling up to 2 s. ``None`` (or
+    ``RetryPolicy(max_attempts=1)``) turns retrying off. A failure after ``Accepted`` is never
+    retried: it is raised with ``steps_completed`` set.
 
     Like a diffusers pipeline, the object carries the state of its call: ``guidance_scale``,
     ``_guidance_scale`` (settable), ``do_classifier_free_guidance``, ``num_timesteps``,
@@ -349,8 +359,13 @@ class RemotePipeline:
         tls=None,
         tensor_format: str = "auto",
         channel_options: Sequence = (),
+        retry: Optional[RetryPolicy] = DEFAULT_RETRY,
     ):
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a stepstream.RetryPolicy or None, not {type(retry).__name__}")
         self.target = target
+        #: The :class:`~stepstream.RetryPolicy` for refused generations (``None``: no retry).
+        self.retry: Optional[RetryPolicy] = retry
         self.model = model
         self.tensor_format = tensor_format
         tensors.resolve_format(tensor_format)  # fail early on a bad name
@@ -534,7 +549,8 @@ class RemotePipeline:
         the same step with ``pipe.rejected`` set; past that, the call raises
         :class:`~stepstream.errors.ReplyRejectedError`.
         ``tensor_format``: overrides the pipeline's for this call.
-        ``timeout``: seconds for the whole call (gRPC deadline).
+        ``timeout``: seconds for the whole call (gRPC deadline), retries of a refused start
+        (see the pipeline's ``retry``) included.
         """
         for name in _UNSUPPORTED:
             if kwargs.pop(name, None) is not None:
@@ -697,12 +713,22 @@ class _Run:
         self.fmt = fmt
         self.output_type = output_type
         self.timeout = timeout
+        # The whole call's end (time.monotonic), which bounds every attempt and every retry wait.
+        self.deadline: Optional[float] = None if timeout is None else time.monotonic() + float(timeout)
 
     def once(self) -> pb.Completed:
-        try:
-            done = self.pipe._stub.GenerateOnce(self.req, metadata=self.pipe._metadata, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from None
+        def attempt(timeout: Optional[float]) -> pb.Completed:
+            try:
+                return self.pipe._stub.GenerateOnce(self.req, metadata=self.pipe._metadata, timeout=timeout)
+            except grpc.RpcError as e:
+                err = errors.from_rpc_error(e)
+                # A unary call has no Accepted: the server sends UNAVAILABLE and
+                # RESOURCE_EXHAUSTED only before admitting a generation, so they are taken as
+                # refusals (see the README: a connection lost mid-call looks the same).
+                err._before_admission = True
+                raise err from None
+
+        done = _retry.call(self.pipe.retry, attempt, self.deadline, "GenerateOnce")
         self.call.completed = done
         return done
 
@@ -734,7 +760,12 @@ class _Run:
                         return self.once()
                     cb.step_indices.extend(wanted)
             try:
-                return self._session(req, callback, plan, predicted)
+                return _retry.call(
+                    self.pipe.retry,
+                    lambda timeout: self._session(req, callback, plan, predicted, timeout),
+                    self.deadline,
+                    "Generate",
+                )
             except _Resubscribe as r:
                 # Timesteps differ from steps for this scheduler: ask again, same seed.
                 self.pipe._num_timesteps_cache[key] = r.num_timesteps
@@ -742,7 +773,10 @@ class _Run:
                 self.req.seed = r.seed
         raise errors.ProtocolError("the server's timestep count changed between two identical requests")
 
-    def _session(self, req: pb.GenerateRequest, callback, plan: _Plan, predicted: Optional[int]) -> pb.Completed:
+    def _session(self, req: pb.GenerateRequest, callback, plan: _Plan, predicted: Optional[int],
+                 timeout: Optional[float]) -> pb.Completed:
+        """One Generate stream. A status before ``Accepted`` is raised marked as a refusal (which
+        :mod:`stepstream.retry` may retry); one after it says how many steps had run."""
         outbox: "queue.Queue[Optional[pb.ClientMessage]]" = queue.Queue()
         outbox.put(pb.ClientMessage(start=req))
 
@@ -754,9 +788,10 @@ class _Run:
                     return
                 yield msg
 
-        call = self.pipe._stub.Generate(requests(), metadata=self.pipe._metadata, timeout=self.timeout)
+        call = self.pipe._stub.Generate(requests(), metadata=self.pipe._metadata, timeout=timeout)
         session: Optional[StepSession] = None
         completed: Optional[pb.Completed] = None
+        steps_done = 0  # the last StepEnd's step_index + 1: steps known to have run
         bar = None
         try:
             for msg in call:
@@ -772,6 +807,7 @@ class _Run:
                     if session is None:
                         raise errors.ProtocolError("StepEnd before Accepted")
                     step = msg.step_end
+                    steps_done = max(steps_done, step.step_index + 1)
                     if bar is not None:
                         bar.update(step.step_index + 1 - bar.n)
                         bar.set_postfix_str(f"{step.step_ms:.1f} ms/step", refresh=False)
@@ -798,7 +834,13 @@ class _Run:
         except grpc.RpcError as e:
             if completed is not None:
                 return completed
-            raise errors.from_rpc_error(e) from None
+            err = errors.from_rpc_error(e)
+            if session is None:
+                err.steps_completed = 0
+                err._before_admission = True  # nothing ran (a Queued event admits nothing yet)
+            else:
+                errors.annotate(err, steps_completed=steps_done, num_steps=len(session.timesteps))
+            raise err from None
         finally:
             if bar is not None:
                 bar.close()
