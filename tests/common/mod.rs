@@ -123,6 +123,7 @@ pub fn rel_diff(a: &Tensor, reference: &Tensor) -> f32 {
 pub mod process;
 pub mod server;
 pub mod session;
+pub mod venv;
 
 /// A candle tensor as a wire tensor (f32).
 pub fn wire(t: &Tensor) -> stepstream::proto::Tensor {
