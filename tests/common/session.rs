@@ -51,6 +51,20 @@ impl Session {
             .expect("send reply");
     }
 
+    /// Sends a reply if the stream is still open; `false` if it has ended (its status is then
+    /// what [`Session::next`] returns).
+    pub async fn try_reply(&self, reply: proto::StepReply) -> bool {
+        match &self.tx {
+            Some(tx) => tx
+                .send(proto::ClientMessage {
+                    kind: Some(client_message::Kind::Reply(reply)),
+                })
+                .await
+                .is_ok(),
+            None => false,
+        }
+    }
+
     /// Sends an arbitrary client message.
     pub async fn send(&self, msg: proto::ClientMessage) {
         self.tx.as_ref().unwrap().send(msg).await.unwrap();
