@@ -343,10 +343,20 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // Read the request head (bounded); the body of a GET is empty.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
+            // Read the whole request head (bounded in size and time; a GET has no body) before
+            // answering: closing with unread request bytes would reset the connection, and the
+            // client would lose the answer.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let mut head = Vec::with_capacity(512);
+                let mut buf = [0u8; 1024];
+                while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
             let body = metrics.render();
             let head = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",

@@ -198,27 +198,11 @@ impl Fleet {
 
     /// A gauge or counter of replica `i`.
     fn metric(&self, i: usize, name: &str) -> f64 {
-        let addr = format!("127.0.0.1:{}", self.metrics[i]);
-        // A scrape can meet a reset connection on a loaded machine; a few tries, then fail.
-        let mut last = String::new();
-        for _ in 0..5 {
-            match http_get(&addr, "/metrics") {
-                Ok(text) => {
-                    return text
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-                        .unwrap_or_else(|| panic!("replica {i} has no {name}:\n{text}"))
-                }
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let ss = Command::new("sh")
-            .args(["-c", &format!("ss -tanp | grep {} | head -20", self.metrics[i])])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        panic!("replica {i} serves no metrics: {last}\n{ss}");
+        let text = http_get(&format!("127.0.0.1:{}", self.metrics[i]), "/metrics")
+            .unwrap_or_else(|e| panic!("replica {i} serves no metrics: {e}"));
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("replica {i} has no {name}:\n{text}"))
     }
 
     fn completed(&self, i: usize) -> f64 {

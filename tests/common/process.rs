@@ -80,11 +80,9 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
     let mut sock = std::net::TcpStream::connect(addr).map_err(|e| fail("connect", e))?;
     sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .map_err(|e| fail("timeout", e))?;
-    write!(
-        sock,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| fail("write", e))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    sock.write_all(request.as_bytes())
+        .map_err(|e| fail("write", e))?;
     let mut out = Vec::new();
     sock.read_to_end(&mut out).map_err(|e| fail("read", e))?;
     let out = String::from_utf8_lossy(&out);
