@@ -226,12 +226,32 @@ struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
-    /// Server address (`host:port` or `http://host:port`).
+    /// Server address: `host:port` or `http://host:port` (plain), `https://host:port` (TLS).
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
     /// Bearer token sent as `authorization` metadata.
     #[arg(long, env = "STEPSTREAM_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Speak TLS, checking the server against the public roots (or --tls-ca).
+    #[arg(long, env = "STEPSTREAM_CLIENT_TLS")]
+    tls: bool,
+    /// PEM root certificates to check the server against (implies --tls).
+    #[arg(long, env = "STEPSTREAM_CLIENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for a server that asks for one (implies --tls).
+    #[arg(long, env = "STEPSTREAM_CLIENT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "STEPSTREAM_CLIENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when not the address's host.
+    #[arg(long, env = "STEPSTREAM_CLIENT_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+    /// Retries of a generation the server refuses before admitting it (a draining replica, a
+    /// full queue), honouring the server's pushback; 0: never retry. A failure after steps have
+    /// run is never retried.
+    #[arg(long, env = "STEPSTREAM_RETRIES", default_value_t = 4)]
+    retries: u32,
     /// Model id (empty: the server's default).
     #[arg(long, env = "STEPSTREAM_GENERATE_MODEL", default_value = "")]
     model: String,
@@ -491,8 +511,36 @@ impl Bar {
     }
 }
 
+/// The connection options `generate`'s TLS flags ask for.
+fn connect_options(args: &GenerateArgs) -> Result<client::ConnectOptions> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let wants_tls =
+        args.tls || args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_domain.is_some();
+    let tls = if wants_tls {
+        let mut tls = match &args.tls_ca {
+            Some(p) => client::TlsOptions::ca_pem(read(p)?),
+            None => client::TlsOptions::public_roots(),
+        };
+        if let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(read(c)?, read(k)?);
+        }
+        if let Some(d) = &args.tls_domain {
+            tls = tls.domain(d);
+        }
+        Some(tls)
+    } else {
+        None
+    };
+    Ok(client::ConnectOptions {
+        tls,
+        connect_timeout: Some(Duration::from_secs(10)),
+    })
+}
+
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let mut client = Client::connect(&args.addr).await?;
+    let mut client = Client::connect_with(&args.addr, connect_options(&args)?)
+        .await?
+        .retry(client::RetryPolicy::retries(args.retries))?;
     if let Some(t) = &args.token {
         client = client.with_token(t)?;
     }

@@ -8,12 +8,12 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::pki::{pki, server_tls, Pki};
 use common::server::{self, Options};
 use common::session::Session;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use stepstream::proto::diffusion_client::DiffusionClient;
 use stepstream::proto::{self, server_message::Kind};
-use stepstream::server::{ServerConfig, TlsFiles, Tokens};
+use stepstream::server::{ServerConfig, Tokens};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
@@ -69,40 +69,6 @@ async fn diffusion_rpcs_need_a_listed_bearer_token_and_health_stays_open() {
     );
 }
 
-/// A throwaway CA and a certificate for `localhost` (and a client certificate) signed by it.
-struct Pki {
-    ca_pem: String,
-    server_cert: String,
-    server_key: String,
-    client_cert: String,
-    client_key: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client_cert = CertificateParams::new(vec!["client".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &issuer)
-        .unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        server_cert: server_cert.pem(),
-        server_key: server_key.serialize_pem(),
-        client_cert: client_cert.pem(),
-        client_key: client_key.serialize_pem(),
-    }
-}
-
 async fn tls_client(
     addr: std::net::SocketAddr,
     pki: &Pki,
@@ -125,12 +91,7 @@ async fn tls_client(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_round_trips() {
     let pki = pki();
-    let tls = |mtls: bool| TlsFiles {
-        cert: pki.server_cert.clone().into_bytes(),
-        key: pki.server_key.clone().into_bytes(),
-        client_ca: mtls.then(|| pki.ca_pem.clone().into_bytes()),
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let tls = |mtls: bool| server_tls(&pki, mtls);
     // TLS: a client that trusts the CA generates an image.
     let srv = server::start(Options {
         config: ServerConfig {

@@ -120,6 +120,7 @@ pub fn rel_diff(a: &Tensor, reference: &Tensor) -> f32 {
     max_abs_diff(a, reference) / scale
 }
 
+pub mod pki;
 pub mod process;
 pub mod server;
 pub mod session;

@@ -11,6 +11,12 @@
 //!
 //! [`CfgCutoff`] is diffusers' `SDCFGCutoffCallback`, correct at any batch size.
 //!
+//! A call the server refuses before admitting it (`UNAVAILABLE` from a draining replica,
+//! `RESOURCE_EXHAUSTED` from a full queue) is retried under the client's [`RetryPolicy`]
+//! (default: 5 attempts), honouring `grpc-retry-pushback-ms`; a failure after `Accepted` is never
+//! retried and says how many steps had run ([`ClientError::FailedAfterSteps`]). TLS, mutual TLS
+//! included: [`Client::connect_with`] and [`TlsOptions`].
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), stepstream::client::ClientError> {
 //! use stepstream::client::{CfgCutoff, Client};
@@ -42,6 +48,12 @@ use tonic::transport::Channel;
 
 use crate::proto::{self, client_message, diffusion_client::DiffusionClient, server_message};
 
+mod connect;
+mod retry;
+
+pub use connect::{ConnectOptions, TlsOptions};
+pub use retry::{pushback, RetryPolicy, PUSHBACK_KEY};
+
 /// Largest message either side may send (images and tensors of big models exceed 4 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -60,9 +72,36 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The server ended the call with a status (`code()` and `message()` say which and why).
-    #[error("server: {0}")]
+    /// The server (or the channel) ended the call with a status before any step had run, or a
+    /// `GenerateOnce` with one (`code()` says which).
+    #[error("server: {}", status_text(.0))]
     Status(#[from] tonic::Status),
+    /// The call was refused again after retries, or the retry policy let it not be retried
+    /// (`why` says which).
+    #[error("server: {} ({why})", status_text(status))]
+    GaveUp {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// Why no further attempt was made.
+        why: String,
+        /// The last attempt's status.
+        status: tonic::Status,
+    },
+    /// A generation failed after the server had accepted it. It is never retried: steps had run
+    /// (or may have), and running them again is the caller's choice.
+    #[error(
+        "failed after {steps_completed} of {num_steps} steps: {}",
+        status_text(status)
+    )]
+    FailedAfterSteps {
+        /// The steps that had run: a lower bound when the call subscribed to only some steps
+        /// (the last `StepEnd` seen, plus one).
+        steps_completed: u32,
+        /// The generation's timestep count, from `Accepted`.
+        num_steps: u32,
+        /// The status the server (or the channel) ended the call with.
+        status: tonic::Status,
+    },
     /// The server refused a reply (and no retry was left).
     #[error("reply to step {step_index} rejected: {field}: {reason}")]
     ReplyRejected {
@@ -95,11 +134,34 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// A status as `Code: message` (tonic's own text is a debug dump).
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 impl ClientError {
     /// The gRPC status code, when the server ended the call with one.
     pub fn code(&self) -> Option<tonic::Code> {
+        self.status().map(tonic::Status::code)
+    }
+
+    /// The status the call ended with, if it ended with one.
+    pub fn status(&self) -> Option<&tonic::Status> {
         match self {
-            ClientError::Status(s) => Some(s.code()),
+            ClientError::Status(s)
+            | ClientError::GaveUp { status: s, .. }
+            | ClientError::FailedAfterSteps { status: s, .. } => Some(s),
+            _ => None,
+        }
+    }
+
+    /// How many denoising steps had run when a generation failed after `Accepted` (a lower
+    /// bound, see [`ClientError::FailedAfterSteps`]); `None` otherwise.
+    pub fn steps_completed(&self) -> Option<u32> {
+        match self {
+            ClientError::FailedAfterSteps {
+                steps_completed, ..
+            } => Some(*steps_completed),
             _ => None,
         }
     }
@@ -298,6 +360,7 @@ pub struct Client {
     inner: DiffusionClient<Channel>,
     token: Option<MetadataValue<Ascii>>,
     reply_retries: u32,
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Client {
@@ -305,16 +368,8 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("reply_retries", &self.reply_retries)
+            .field("retry", &self.retry)
             .finish()
-    }
-}
-
-/// `host:port` → `http://host:port`; URLs with a scheme stay as they are.
-fn endpoint_url(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
     }
 }
 
@@ -354,24 +409,53 @@ fn closed() -> ClientError {
     ClientError::Protocol("the request stream closed early".into())
 }
 
+/// How far an admitted generation got: what a failure after `Accepted` reports.
+#[derive(Default)]
+struct Progress {
+    num_steps: u32,
+    steps_completed: u32,
+}
+
+impl Progress {
+    fn accepted(&mut self, a: &proto::Accepted) {
+        self.num_steps = a.timesteps.len() as u32;
+    }
+
+    fn step(&mut self, s: &proto::StepEnd) {
+        self.steps_completed = self.steps_completed.max(s.step_index + 1);
+        if s.num_timesteps > 0 {
+            self.num_steps = s.num_timesteps;
+        }
+    }
+
+    /// `err`, said to have come after `Accepted`.
+    fn failed(&self, err: ClientError) -> ClientError {
+        match err {
+            ClientError::Status(status) => ClientError::FailedAfterSteps {
+                steps_completed: self.steps_completed,
+                num_steps: self.num_steps,
+                status,
+            },
+            other => other,
+        }
+    }
+}
+
 impl Client {
-    /// Connects to `url` (`host:port` or `http://host:port`).
+    /// Connects to `url`: `host:port`, `http://` or `grpc://` in plain HTTP/2; `https://` or
+    /// `grpcs://` in TLS checked against the public roots.
     pub async fn connect(url: impl AsRef<str>) -> Result<Self, ClientError> {
-        let url = endpoint_url(url.as_ref());
-        let connect = |source| ClientError::Connect {
-            url: url.clone(),
-            source,
-        };
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| ClientError::Protocol(format!("bad address `{url}`: {e}")))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(crate::server::HTTP2_STREAM_WINDOW))
-            .initial_connection_window_size(Some(crate::server::HTTP2_CONNECTION_WINDOW))
-            .max_frame_size(Some(crate::server::HTTP2_MAX_FRAME))
-            .connect()
-            .await
-            .map_err(connect)?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(url, ConnectOptions::default()).await
+    }
+
+    /// Connects to `url` with `options` (TLS with a private CA, mutual TLS, a connect timeout).
+    pub async fn connect_with(
+        url: impl AsRef<str>,
+        options: ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        Ok(Self::from_channel(
+            connect::channel(url.as_ref(), &options).await?,
+        ))
     }
 
     /// A client over an existing channel.
@@ -382,6 +466,7 @@ impl Client {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             token: None,
             reply_retries: 0,
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -401,6 +486,14 @@ impl Client {
         self
     }
 
+    /// How calls the server refuses before admitting them are retried (default:
+    /// [`RetryPolicy::default`]; [`RetryPolicy::never`] to see every refusal).
+    pub fn retry(mut self, policy: RetryPolicy) -> Result<Self, ClientError> {
+        policy.validate()?;
+        self.retry = policy;
+        Ok(self)
+    }
+
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Some(t) = &self.token {
@@ -416,12 +509,27 @@ impl Client {
     }
 
     /// One generation without callbacks (`GenerateOnce`).
+    ///
+    /// `GenerateOnce` has no `Accepted` to mark admission, so a status with a retryable code is
+    /// retried whenever it comes: almost always a refusal before any step, but a replica cut off
+    /// mid-run behind a balancer can also end the call with `UNAVAILABLE`, and that generation
+    /// then runs again from the start. Use [`Client::generate`] or [`Client::observe`] when a
+    /// run must never be repeated.
     pub async fn generate_once(
         &mut self,
         request: proto::GenerateRequest,
     ) -> Result<proto::Completed, ClientError> {
-        let r = self.request(request);
-        Ok(self.inner.generate_once(r).await?.into_inner())
+        let mut attempts = retry::Attempts::new(&self.retry);
+        loop {
+            let r = self.request(request.clone());
+            match self.inner.generate_once(r).await {
+                Ok(done) => return Ok(done.into_inner()),
+                Err(status) => {
+                    let wait = attempts.after(status.into(), "GenerateOnce")?;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 
     /// Opens a `Generate` stream with `request` as `start`; returns the reply sender (which must
@@ -451,6 +559,10 @@ impl Client {
     /// (`request.callback`; unset: every step, no tensors) and sending what it returns as the
     /// step's reply. Only the subscribed steps wait for this client: subscribe to the steps the
     /// callback acts on (`step_indices`) to let the others run at full speed.
+    ///
+    /// A refusal before `Accepted` is retried under the client's [`RetryPolicy`]; the callback
+    /// only ever sees the attempt that was admitted. A failure after `Accepted` is
+    /// [`ClientError::FailedAfterSteps`].
     pub async fn generate<F, E>(
         &mut self,
         mut request: proto::GenerateRequest,
@@ -462,8 +574,40 @@ impl Client {
     {
         let mut cb = request.callback.take().unwrap_or_default();
         cb.observe_only = false;
-        let wire = proto::DType::try_from(cb.wire_dtype).unwrap_or(proto::DType::DtypeF32);
         request.callback = Some(cb);
+        let mut attempts = retry::Attempts::new(&self.retry);
+        loop {
+            let mut progress = None;
+            match self
+                .generate_attempt(request.clone(), &mut callback, &mut progress)
+                .await
+            {
+                Ok(done) => return Ok(done),
+                Err(e) => match progress {
+                    // Admitted: never retried.
+                    Some(p) => return Err(p.failed(e)),
+                    None => tokio::time::sleep(attempts.after(e, "Generate")?).await,
+                },
+            }
+        }
+    }
+
+    /// One attempt of [`Client::generate`]; `progress` is set once the server accepts it.
+    async fn generate_attempt<F, E>(
+        &mut self,
+        request: proto::GenerateRequest,
+        mut callback: F,
+        progress: &mut Option<Progress>,
+    ) -> Result<proto::Completed, ClientError>
+    where
+        F: FnMut(&StepState) -> Result<StepChanges, E>,
+        E: Into<BoxError>,
+    {
+        let wire = request
+            .callback
+            .as_ref()
+            .and_then(|c| proto::DType::try_from(c.wire_dtype).ok())
+            .unwrap_or(proto::DType::DtypeF32);
         let (tx, mut inbound) = self.open(request).await?;
         let mut accepted: Option<Arc<proto::Accepted>> = None;
         let mut last: Option<proto::StepEnd> = None;
@@ -494,11 +638,17 @@ impl Client {
         };
         while let Some(msg) = inbound.message().await? {
             match msg.kind {
-                Some(server_message::Kind::Accepted(a)) => accepted = Some(Arc::new(a)),
+                Some(server_message::Kind::Accepted(a)) => {
+                    progress.get_or_insert_with(Progress::default).accepted(&a);
+                    accepted = Some(Arc::new(a));
+                }
                 Some(server_message::Kind::StepEnd(s)) => {
                     let acc = accepted
                         .as_ref()
                         .ok_or_else(|| ClientError::Protocol("StepEnd before Accepted".into()))?;
+                    if let Some(p) = progress.as_mut() {
+                        p.step(&s);
+                    }
                     tries = 0;
                     let reply = answer(&s, acc, None)?;
                     if s.reply_required {
@@ -543,6 +693,10 @@ impl Client {
     /// Runs one observe-only generation: the server sends the events `request.callback` asks for
     /// (unset: every step, no tensors) and never waits for this client. Dropping the stream
     /// before `Completed` cancels the generation.
+    ///
+    /// Returns once the server has accepted the generation (the stream's first event is
+    /// [`Event::Accepted`]); refusals before that are retried under the client's
+    /// [`RetryPolicy`]. A failure after it is [`ClientError::FailedAfterSteps`].
     pub async fn observe(
         &mut self,
         mut request: proto::GenerateRequest,
@@ -550,13 +704,52 @@ impl Client {
         let mut cb = request.callback.take().unwrap_or_default();
         cb.observe_only = true;
         request.callback = Some(cb);
-        let (tx, inbound) = self.open(request).await?;
-        Ok(Events {
-            inbound,
-            _requests: Some(tx),
-            accepted: None,
-            done: false,
-        })
+        let mut attempts = retry::Attempts::new(&self.retry);
+        loop {
+            match self.observe_attempt(request.clone()).await {
+                Ok(events) => return Ok(events),
+                Err(e) => tokio::time::sleep(attempts.after(e, "Generate")?).await,
+            }
+        }
+    }
+
+    /// Opens an observe-only stream and reads it up to `Accepted`.
+    async fn observe_attempt(
+        &mut self,
+        request: proto::GenerateRequest,
+    ) -> Result<Events, ClientError> {
+        let (tx, mut inbound) = self.open(request).await?;
+        loop {
+            match inbound.message().await? {
+                Some(proto::ServerMessage {
+                    kind: Some(server_message::Kind::Accepted(a)),
+                }) => {
+                    let mut progress = Progress::default();
+                    progress.accepted(&a);
+                    return Ok(Events {
+                        inbound,
+                        _requests: Some(tx),
+                        accepted: Arc::new(a),
+                        first: true,
+                        progress,
+                        done: false,
+                    });
+                }
+                Some(proto::ServerMessage {
+                    kind: Some(server_message::Kind::Queued(_)) | None,
+                }) => continue,
+                Some(_) => {
+                    return Err(ClientError::Protocol(
+                        "the server sent an event before Accepted".into(),
+                    ))
+                }
+                None => {
+                    return Err(ClientError::Protocol(
+                        "the stream ended without Completed".into(),
+                    ))
+                }
+            }
+        }
     }
 }
 
@@ -566,14 +759,31 @@ pub struct Events {
     inbound: tonic::Streaming<proto::ServerMessage>,
     // Keeps the request stream open until the run ends: closing it cancels the generation.
     _requests: Option<mpsc::Sender<proto::ClientMessage>>,
-    accepted: Option<Arc<proto::Accepted>>,
+    accepted: Arc<proto::Accepted>,
+    /// Whether `Accepted` (read by `observe` already) is still to be yielded.
+    first: bool,
+    progress: Progress,
     done: bool,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("request_id", &self.accepted.request_id)
+            .field("steps_completed", &self.progress.steps_completed)
+            .field("done", &self.done)
+            .finish()
+    }
 }
 
 impl Stream for Events {
     type Item = Result<Event, ClientError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.first {
+            self.first = false;
+            return Poll::Ready(Some(Ok(Event::Accepted((*self.accepted).clone()))));
+        }
         loop {
             if self.done {
                 return Poll::Ready(None);
@@ -588,19 +798,18 @@ impl Stream for Events {
                 }
                 Poll::Ready(Some(Err(status))) => {
                     self.done = true;
-                    return Poll::Ready(Some(Err(status.into())));
+                    return Poll::Ready(Some(Err(self.progress.failed(status.into()))));
                 }
                 Poll::Ready(Some(Ok(m))) => m,
             };
             let ev = match msg.kind {
-                Some(server_message::Kind::Accepted(a)) => {
-                    self.accepted = Some(Arc::new(a.clone()));
-                    Ok(Event::Accepted(a))
+                Some(server_message::Kind::Accepted(_)) => {
+                    Err(ClientError::Protocol("a second Accepted".into()))
                 }
-                Some(server_message::Kind::StepEnd(s)) => match &self.accepted {
-                    Some(acc) => step_state(s, acc, None).map(Event::Step),
-                    None => Err(ClientError::Protocol("StepEnd before Accepted".into())),
-                },
+                Some(server_message::Kind::StepEnd(s)) => {
+                    self.progress.step(&s);
+                    step_state(s, &self.accepted, None).map(Event::Step)
+                }
                 Some(server_message::Kind::Completed(c)) => {
                     self.done = true;
                     self._requests = None;
@@ -693,11 +902,5 @@ mod tests {
         assert_eq!(at.tensors["prompt_embeds"].dims(), &[2, 77, 8]);
         assert!(c.apply(&state(4, false, 2)).unwrap().tensors.is_empty());
         assert_eq!(CfgCutoff::Index(7).step(100), 7);
-    }
-
-    #[test]
-    fn urls_get_a_scheme() {
-        assert_eq!(endpoint_url("127.0.0.1:1"), "http://127.0.0.1:1");
-        assert_eq!(endpoint_url("https://h:1"), "https://h:1");
     }
 }
