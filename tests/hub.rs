@@ -81,3 +81,45 @@ fn the_embedded_default_model_loads() {
     assert_eq!(m.id, "tiny-sd15");
     assert_eq!(m.defaults.scheduler, "ddim");
 }
+
+/// Pickles are never opened: a `.ckpt`/`.bin` given as `--model`, or lying in a component folder
+/// in place of the safetensors weights, is refused by name with the reason and the way out.
+#[test]
+fn pickled_weights_are_refused_by_name_and_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["v1-5-pruned.ckpt", "model.BIN", "x.pt", "y.pth"] {
+        let f = dir.path().join(name);
+        // Not a pickle at all: were it opened, loading would fail differently.
+        std::fs::write(&f, b"not read").unwrap();
+        let err = hub::resolve(f.to_str().unwrap()).unwrap_err();
+        assert!(
+            matches!(err, stepstream::models::ModelError::Pickle { .. }),
+            "{name}: {err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(name) && msg.contains("arbitrary code"),
+            "{msg}"
+        );
+        assert!(msg.contains(".safetensors"), "{msg}");
+    }
+    // Another file is not a model either, and the error says what --model takes.
+    let f = dir.path().join("notes.txt");
+    std::fs::write(&f, b"").unwrap();
+    let msg = hub::resolve(f.to_str().unwrap()).unwrap_err().to_string();
+    assert!(msg.contains("diffusers folder"), "{msg}");
+
+    // A diffusers folder whose UNet ships only a pickle.
+    let model = dir.path().join("tiny");
+    common::copy_dir(&common::model_dir("tiny-sd15"), &model);
+    std::fs::remove_file(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(model.join("unet/diffusion_pytorch_model.bin"), b"not read").unwrap();
+    let (id, source) = hub::resolve(model.to_str().unwrap()).unwrap();
+    let err = match StableDiffusionModel::load(id, &source, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("a pickled UNet loaded"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("unet/diffusion_pytorch_model.bin"), "{msg}");
+    assert!(msg.contains("arbitrary code"), "{msg}");
+}

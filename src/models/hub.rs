@@ -99,6 +99,20 @@ pub fn offline_from_env() -> bool {
 /// Resolves a `--model` value into its id and files: an existing folder first, then a hub id.
 pub fn resolve(spec: &str) -> Result<(String, ModelSource)> {
     let path = Path::new(spec);
+    if path.is_file() {
+        return Err(if super::source::is_pickle(path) {
+            ModelError::Pickle {
+                path: spec.to_string(),
+            }
+        } else {
+            ModelError::NotAModel {
+                path: spec.to_string(),
+                reason: "a file; --model takes a diffusers folder (with model_index.json) or a \
+                         hub id (org/name[@revision]); single-file checkpoints are not loaded yet"
+                    .into(),
+            }
+        });
+    }
     if path.is_dir() {
         let canonical = path.canonicalize().map_err(|source| ModelError::Io {
             path: spec.to_string(),

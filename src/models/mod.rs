@@ -50,6 +50,25 @@ pub enum ModelError {
         /// What is unsupported and why.
         reason: String,
     },
+    /// A weight file is a Python pickle (`.ckpt`, `.bin`, `.pt`, `.pth`): loading one can run
+    /// arbitrary code, so it is refused.
+    #[error(
+        "`{path}` is a Python pickle: loading one can run arbitrary code, so stepstream refuses \
+         it; use the model's `.safetensors` weights (most model pages publish them), or convert \
+         the file once in a sandbox you trust"
+    )]
+    Pickle {
+        /// The refused file.
+        path: String,
+    },
+    /// A `--model` path is a file of a kind that is not a model.
+    #[error("`{path}`: {reason}")]
+    NotAModel {
+        /// The file.
+        path: String,
+        /// What it is and what is expected instead.
+        reason: String,
+    },
     /// Tokenizer construction or encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -17,6 +17,16 @@ const WEIGHT_FILES: &[&str] = &[
     "model.fp16.safetensors",
 ];
 
+/// Pickled weight files: refused by name, never opened (unpickling runs code).
+pub const PICKLE_EXTENSIONS: &[&str] = &["ckpt", "bin", "pt", "pth", "pkl", "pickle"];
+
+/// Whether `path` names a pickled weight file.
+pub fn is_pickle(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// A diffusers-layout model: paths inside it are relative, e.g. `unet/config.json`.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
@@ -65,6 +75,25 @@ impl ModelSource {
             source_desc: self.describe(),
             path: rel.to_string(),
         }
+    }
+
+    /// Why a component has no weights: a pickle in their place is named as such.
+    fn no_weights(&self, component: &str) -> ModelError {
+        if let ModelSource::Dir(p) = self {
+            let pickle = std::fs::read_dir(p.join(component))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| is_pickle(f))
+                .min();
+            if let Some(f) = pickle {
+                return ModelError::Pickle {
+                    path: f.display().to_string(),
+                };
+            }
+        }
+        self.missing(&format!("{component}/{}", WEIGHT_FILES[0]))
     }
 
     /// The bytes of a file.
@@ -124,7 +153,7 @@ impl ModelSource {
             .iter()
             .map(|f| format!("{component}/{f}"))
             .find(|rel| self.exists(rel))
-            .ok_or_else(|| self.missing(&format!("{component}/{}", WEIGHT_FILES[0])))?;
+            .ok_or_else(|| self.no_weights(component))?;
         match self {
             ModelSource::Dir(p) => {
                 let path: PathBuf = p.join(&rel);
