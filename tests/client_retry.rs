@@ -371,11 +371,7 @@ async fn a_full_queue_on_the_real_server_is_retried_once_a_slot_frees() {
         ..Default::default()
     })
     .await;
-    let a_done = loop {
-        if let Kind::Completed(c) = a.expect().await {
-            break c;
-        }
-    };
+    let a_done = a.until_completed().await;
     let b_done = b.await.unwrap().expect("B is admitted on a retry");
     assert_eq!(b_done.images[0].data, a_done.images[0].data);
 }

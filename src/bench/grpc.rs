@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 
 use super::echo::{tcp_echo_ms, ECHO_ROUND_TRIPS, ECHO_WARMUP};
 use super::{median, BenchError, BenchOptions, PROMPT};
+use crate::client;
 use crate::engine::Engine;
 use crate::proto::diffusion_client::DiffusionClient;
 use crate::proto::{self, client_message, server_message::Kind};
@@ -141,18 +142,12 @@ impl Loopback {
 
 /// A client of `addr` with the same transport settings as `stepstream::client::Client`.
 async fn connect(addr: std::net::SocketAddr) -> Result<DiffusionClient<Channel>, BenchError> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| BenchError::Setup(e.to_string()))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(server::HTTP2_STREAM_WINDOW))
-        .initial_connection_window_size(Some(server::HTTP2_CONNECTION_WINDOW))
-        .max_frame_size(Some(server::HTTP2_MAX_FRAME))
-        .connect()
+    let channel = client::channel(&addr.to_string(), &client::ConnectOptions::default())
         .await
-        .map_err(|e| BenchError::Setup(format!("connecting to {addr}: {e}")))?;
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(DiffusionClient::new(channel)
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20))
+        .max_decoding_message_size(client::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(client::MAX_MESSAGE_BYTES))
 }
 
 /// Sends one client message on the request stream.

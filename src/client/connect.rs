@@ -100,8 +100,9 @@ pub(super) fn endpoint_url(url: &str) -> (String, bool) {
     (format!("http://{url}"), false)
 }
 
-/// Connects a channel to `url` with the project's HTTP/2 settings.
-pub(super) async fn channel(url: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
+/// Connects a channel to `url` with the project's HTTP/2 settings (the bench's raw client uses
+/// it too, so that both measure the same transport).
+pub(crate) async fn channel(url: &str, options: &ConnectOptions) -> Result<Channel, ClientError> {
     let (mut endpoint_url, scheme_tls) = endpoint_url(url);
     let tls = options
         .tls
@@ -115,7 +116,7 @@ pub(super) async fn channel(url: &str, options: &ConnectOptions) -> Result<Chann
         url: url.to_string(),
         source,
     };
-    let mut endpoint = Endpoint::from_shared(endpoint_url.clone())
+    let mut endpoint = Endpoint::from_shared(endpoint_url)
         .map_err(|e| ClientError::Protocol(format!("bad address `{url}`: {e}")))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(crate::server::HTTP2_STREAM_WINDOW))

@@ -51,6 +51,7 @@ use crate::proto::{self, client_message, diffusion_client::DiffusionClient, serv
 mod connect;
 mod retry;
 
+pub(crate) use connect::channel;
 pub use connect::{ConnectOptions, TlsOptions};
 pub use retry::{pushback, RetryPolicy, PUSHBACK_KEY};
 

@@ -158,42 +158,30 @@ impl Attempts {
             return Err(err);
         };
         let made = self.made;
-        let give_up = |status: tonic::Status, why: String| {
-            if why.is_empty() {
-                ClientError::Status(status)
-            } else {
-                ClientError::GaveUp {
-                    attempts: made,
-                    why,
-                    status,
-                }
-            }
-        };
-        let after = |n: u32| {
-            if n > 1 {
-                format!("after {n} attempts")
-            } else {
-                String::new()
-            }
+        let several = (made > 1).then(|| format!("after {made} attempts"));
+        // The error to stop with: the status as it came, or with a word on the attempts.
+        let stop = |status, why: Option<String>| match why {
+            None => ClientError::Status(status),
+            Some(why) => ClientError::GaveUp {
+                attempts: made,
+                why,
+                status,
+            },
         };
         if !retryable(&status) {
-            return Err(give_up(status, after(made)));
+            return Err(stop(status, several));
         }
         let push = pushback(&status);
         if let Some(None) = push {
-            let mut why = format!("not retried: the server's {PUSHBACK_KEY} says not to");
-            if made > 1 {
-                why = format!("{why}; after {made} attempts");
-            }
-            return Err(give_up(status, why));
+            let no = format!("not retried: the server's {PUSHBACK_KEY} says not to");
+            let why = match several {
+                Some(s) => format!("{no}; {s}"),
+                None => no,
+            };
+            return Err(stop(status, Some(why)));
         }
         if made >= self.policy.max_attempts {
-            let why = if made > 1 {
-                format!("gave up after {made} attempts")
-            } else {
-                String::new()
-            };
-            return Err(give_up(status, why));
+            return Err(stop(status, several.map(|s| format!("gave up {s}"))));
         }
         let wait = match push {
             Some(Some(d)) => {
