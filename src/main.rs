@@ -111,10 +111,21 @@ struct BenchArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Model to serve: a diffusers folder or a hub id `org/name[@revision]`; repeat for more
-    /// (the first is the default). Default: the embedded tiny model (random weights: noise images).
+    /// Model to serve: a diffusers folder, a single-file `.safetensors` checkpoint (SD 1.x, 2.x,
+    /// XL base in the original layout; served under its file stem) or a hub id
+    /// `org/name[@revision]`; repeat for more (the first is the default). Default: the embedded
+    /// tiny model (random weights: noise images).
     #[arg(long = "model", env = "STEPSTREAM_MODEL", value_delimiter = ',')]
     models: Vec<String>,
+    /// For single-file checkpoints: a diffusers folder of the same architecture whose configs
+    /// and tokenizers to use (its weights are not read). Without it they are inferred from the
+    /// weights, as diffusers' `from_single_file` does.
+    #[arg(long, env = "STEPSTREAM_MODEL_CONFIG")]
+    model_config: Option<PathBuf>,
+    /// For single-file checkpoints: the scheduler's prediction type, which weights cannot tell
+    /// (SD 2.x defaults to v_prediction, as diffusers; 512-base models need epsilon).
+    #[arg(long, env = "STEPSTREAM_PREDICTION_TYPE", value_parser = ["epsilon", "v_prediction", "sample"])]
+    prediction_type: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
@@ -322,10 +333,30 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("no --model given: serving the embedded tiny model (random weights, its images are noise)");
         vec![(embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source())]
     } else {
-        args.models
+        let options = stepstream::models::checkpoint::CheckpointOptions {
+            config_dir: args.model_config.clone(),
+            prediction_type: args.prediction_type.clone(),
+        };
+        let resolved = args
+            .models
             .iter()
-            .map(|m| hub::resolve(m).with_context(|| format!("--model {m}")))
-            .collect::<Result<Vec<_>>>()?
+            .map(|m| hub::resolve_with(m, &options).with_context(|| format!("--model {m}")))
+            .collect::<Result<Vec<_>>>()?;
+        let any_checkpoint = resolved
+            .iter()
+            .any(|(_, s)| matches!(s, stepstream::models::ModelSource::Checkpoint(_)));
+        if !any_checkpoint && (options.config_dir.is_some() || options.prediction_type.is_some()) {
+            bail!(
+                "--model-config and --prediction-type apply to single-file checkpoints, and no \
+                 --model is one (a diffusers folder or hub id carries its own configs)"
+            );
+        }
+        for (id, source) in &resolved {
+            if let stepstream::models::ModelSource::Checkpoint(c) = source {
+                tracing::info!(model = %id, file = %c.path().display(), family = c.family().as_str(), configs = c.config_origin(), "single-file checkpoint");
+            }
+        }
+        resolved
     };
     let limits = Limits {
         max_steps: args.max_steps,

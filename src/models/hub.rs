@@ -1,10 +1,11 @@
-//! Resolving `--model` values: a local diffusers folder, or a hub id (`org/name[@revision]`)
+//! Resolving `--model` values: a local diffusers folder, a single-file checkpoint, or a hub id (`org/name[@revision]`)
 //! fetched through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only).
 
 use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::checkpoint::{Checkpoint, CheckpointOptions};
 use super::{ModelError, ModelSource, Result};
 
 /// The files a diffusers repo needs, from its `model_index.json`: `(path, required)` for every
@@ -98,20 +99,37 @@ pub fn offline_from_env() -> bool {
 
 /// Resolves a `--model` value into its id and files: an existing folder first, then a hub id.
 pub fn resolve(spec: &str) -> Result<(String, ModelSource)> {
+    resolve_with(spec, &CheckpointOptions::default())
+}
+
+/// [`resolve`], with how to read a single-file checkpoint: a `.safetensors` file is one,
+/// served under its file stem.
+pub fn resolve_with(spec: &str, checkpoint: &CheckpointOptions) -> Result<(String, ModelSource)> {
     let path = Path::new(spec);
     if path.is_file() {
-        return Err(if super::source::is_pickle(path) {
-            ModelError::Pickle {
+        if super::source::is_pickle(path) {
+            return Err(ModelError::Pickle {
                 path: spec.to_string(),
-            }
-        } else {
-            ModelError::NotAModel {
+            });
+        }
+        let is_safetensors = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if !is_safetensors {
+            return Err(ModelError::NotAModel {
                 path: spec.to_string(),
-                reason: "a file; --model takes a diffusers folder (with model_index.json) or a \
-                         hub id (org/name[@revision]); single-file checkpoints are not loaded yet"
+                reason: "--model takes a diffusers folder (with model_index.json), a single-file \
+                         `.safetensors` checkpoint, or a hub id (org/name[@revision])"
                     .into(),
-            }
-        });
+            });
+        }
+        let opened = Checkpoint::open(path, checkpoint)?;
+        let id = path
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string());
+        return Ok((id, ModelSource::Checkpoint(std::sync::Arc::new(opened))));
     }
     if path.is_dir() {
         let canonical = path.canonicalize().map_err(|source| ModelError::Io {

@@ -1,6 +1,8 @@
 //! Model loading and the networks themselves: diffusers folders (local or from the hub),
+//! single-file checkpoints in the original layout,
 //! config-driven CLIP text encoder, UNet and VAE, and the CLIP tokenizer.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod embedded;
 pub mod hub;

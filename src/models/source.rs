@@ -27,7 +27,7 @@ pub fn is_pickle(path: &Path) -> bool {
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// A diffusers-layout model: paths inside it are relative, e.g. `unet/config.json`.
+/// A model seen in the diffusers layout: paths inside it are relative, e.g. `unet/config.json`.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
     /// A folder on disk (a local diffusers folder or a resolved hub snapshot).
@@ -40,6 +40,8 @@ pub enum ModelSource {
         /// The config and tokenizer files: `(relative path, bytes)`.
         files: std::sync::Arc<Vec<(String, Vec<u8>)>>,
     },
+    /// A single-file checkpoint in the original layout, with its configs and tokenizers.
+    Checkpoint(std::sync::Arc<super::checkpoint::Checkpoint>),
     /// Files compiled into the binary: `(relative path, bytes)`.
     Embedded {
         /// A name for messages.
@@ -56,6 +58,7 @@ impl ModelSource {
             ModelSource::Dir(p) => p.display().to_string(),
             ModelSource::Embedded { name, .. } => format!("embedded:{name}"),
             ModelSource::Synthetic { name, .. } => format!("synthetic:{name}"),
+            ModelSource::Checkpoint(c) => c.path().display().to_string(),
         }
     }
 
@@ -66,6 +69,12 @@ impl ModelSource {
             ModelSource::Embedded { files, .. } => files.iter().any(|(n, _)| *n == rel),
             ModelSource::Synthetic { files, .. } => {
                 files.iter().any(|(n, _)| n == rel) || is_weight_file(rel)
+            }
+            ModelSource::Checkpoint(c) => {
+                c.file(rel).is_some()
+                    || rel
+                        .split_once('/')
+                        .is_some_and(|(comp, f)| is_weight_file(f) && c.has_component(comp))
             }
         }
     }
@@ -120,6 +129,10 @@ impl ModelSource {
                 .iter()
                 .find(|(n, _)| n == rel)
                 .map(|(_, b)| Cow::Owned(b.clone()))
+                .ok_or_else(|| self.missing(rel)),
+            ModelSource::Checkpoint(c) => c
+                .file(rel)
+                .map(|b| Cow::Owned(b.to_vec()))
                 .ok_or_else(|| self.missing(rel)),
         }
     }
@@ -178,6 +191,7 @@ impl ModelSource {
                 dtype,
                 device.clone(),
             )),
+            ModelSource::Checkpoint(c) => c.var_builder(component, dtype, device),
         }
     }
 
@@ -185,7 +199,9 @@ impl ModelSource {
     pub fn dir(&self) -> Option<&Path> {
         match self {
             ModelSource::Dir(p) => Some(p),
-            ModelSource::Embedded { .. } | ModelSource::Synthetic { .. } => None,
+            ModelSource::Embedded { .. }
+            | ModelSource::Synthetic { .. }
+            | ModelSource::Checkpoint(_) => None,
         }
     }
 }
