@@ -365,3 +365,155 @@ fn a_checkpoint_path_resolves_to_its_file_stem() {
         "SD 1.x has one encoder"
     );
 }
+
+/// A safetensors file with these keys and shapes whose data is a hole: the header is real, the
+/// tensors read as zeros and take no disk, so real-sized layouts cost nothing to test.
+fn write_sparse(path: &Path, shapes: &serde_json::Map<String, serde_json::Value>) {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (key, shape) in shapes {
+        let numel: u64 = shape
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .product();
+        let end = offset + 2 * numel;
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut bytes = serde_json::Value::Object(header).to_string().into_bytes();
+    while bytes.len() % 8 != 0 {
+        bytes.push(b' ');
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&(bytes.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.set_len(8 + bytes.len() as u64 + offset).unwrap();
+}
+
+/// Real SD 1.5, SD 2.1 and SDXL base layouts (`checkpoints/real-shapes/`, dumped by the fixture
+/// script from diffusers' models on torch's meta device and its conversion scripts): the
+/// configs inferred from the keys are the reference repositories' configs, they parse, and every
+/// weight diffusers has is found in the file with its shape.
+#[test]
+fn real_sized_layouts_infer_the_reference_configs_and_map_every_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, family) in [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")] {
+        let doc: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                common::fixtures()
+                    .join("checkpoints/real-shapes")
+                    .join(format!("{name}.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let path = tmp.path().join(format!("{name}.safetensors"));
+        write_sparse(&path, doc["checkpoint_shapes"].as_object().unwrap());
+        let c = Arc::new(Checkpoint::open(&path, &CheckpointOptions::default()).unwrap());
+        assert_eq!(c.family().as_str(), family);
+        let inferred = |rel: &str| -> serde_json::Value {
+            serde_json::from_slice(c.file(rel).unwrap()).unwrap()
+        };
+        let check = |component: &str, rel: &str, fields: &[&str]| {
+            let (ours, theirs) = (inferred(rel), &doc["configs"][component]);
+            for f in fields {
+                if theirs.get(*f).is_some() {
+                    assert_eq!(&ours[*f], &theirs[*f], "{name} {component}.{f}");
+                }
+            }
+        };
+        check(
+            "unet",
+            "unet/config.json",
+            &[
+                "block_out_channels",
+                "down_block_types",
+                "up_block_types",
+                "layers_per_block",
+                "transformer_layers_per_block",
+                "attention_head_dim",
+                "cross_attention_dim",
+                "use_linear_projection",
+                "upcast_attention",
+                "in_channels",
+                "out_channels",
+                "sample_size",
+                "norm_num_groups",
+                "addition_embed_type",
+                "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim",
+            ],
+        );
+        check(
+            "vae",
+            "vae/config.json",
+            &[
+                "block_out_channels",
+                "layers_per_block",
+                "latent_channels",
+                "norm_num_groups",
+            ],
+        );
+        let text = [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_act",
+        ];
+        check("text_encoder", "text_encoder/config.json", &text);
+        if family == "sdxl" {
+            check("text_encoder_2", "text_encoder_2/config.json", &text);
+            check(
+                "text_encoder_2",
+                "text_encoder_2/config.json",
+                &["projection_dim"],
+            );
+        }
+        // The inferred files are what the loaders take.
+        let source = ModelSource::Checkpoint(c.clone());
+        stepstream::models::unet::UNetConfig::load(&source, "unet").unwrap();
+        stepstream::models::vae::VaeConfig::load(&source, "vae").unwrap();
+        stepstream::models::clip::ClipTextConfig::load(&source, "text_encoder").unwrap();
+        let tokenizer =
+            stepstream::models::tokenizer::ClipTokenizer::load(&source, "tokenizer").unwrap();
+        let ids = tokenizer.encode("a photo").unwrap();
+        assert_eq!(ids.len(), 77);
+        // Every diffusers weight is in the file, with its shape up to unit dimensions
+        // (the VAE's attention is stored as 1×1 convolutions).
+        let squeeze = |s: &[usize]| -> Vec<usize> {
+            let mut s = s.to_vec();
+            while s.len() > 1 && s.last() == Some(&1) {
+                s.pop();
+            }
+            s
+        };
+        let mut mapped = 0;
+        for (component, weights) in doc["diffusers_shapes"].as_object().unwrap() {
+            for (weight, shape) in weights.as_object().unwrap() {
+                let want: Vec<usize> = shape
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect();
+                let (key, got) = c
+                    .locate(component, weight)
+                    .unwrap_or_else(|| panic!("{name}: {component}.{weight} not found"));
+                assert_eq!(
+                    squeeze(&got),
+                    squeeze(&want),
+                    "{name}: {component}.{weight} at {key}"
+                );
+                mapped += 1;
+            }
+        }
+        assert!(mapped > 1000, "{name}: {mapped} weights");
+    }
+}

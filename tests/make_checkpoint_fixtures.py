@@ -15,6 +15,12 @@ For each tiny model it writes `<model>.safetensors` in the original (LDM) layout
 
 Then it checks, with diffusers' own loader, that `from_single_file(file, config=folder)` gives
 every weight of the folder bit for bit and the same latents, and fails otherwise.
+
+It also writes `checkpoints/real-shapes/{sd15,sd21,sdxl}.json`: for the real SD 1.5, SD 2.1 and
+SDXL base architectures (built on torch's meta device: no weights), the diffusers config of each
+component, every diffusers weight's shape, and every key and shape of the original-layout file the
+same scripts make (SD 2.x with OpenCLIP's 24 layers, of which diffusers keeps 23), so the tests
+can check config inference and the key mapping at real sizes.
 """
 import argparse
 import importlib.util
@@ -181,6 +187,94 @@ def check_and_record(kind, folder, ckpt, case_dir=None):
         }, indent=1) + "\n")
 
 
+# The reference repositories' configs (stable-diffusion-v1-5, stable-diffusion-2-1,
+# stable-diffusion-xl-base-1.0), the fields that give their shapes and behaviour.
+REAL = {
+    "sd15": dict(
+        unet=dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+    ),
+    "sd21": dict(
+        unet=dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+                  attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True,
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=96),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu", projection_dim=512),
+    ),
+    "sdxl": dict(
+        unet=dict(block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                  transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, sample_size=128),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    hidden_act="gelu", projection_dim=1280),
+    ),
+}
+VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+def real_shapes(sd, xl, out):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text_model(cfg, layers=None, projection=False):
+        c = dict(cfg, vocab_size=49408, max_position_embeddings=77)
+        if layers:
+            c["num_hidden_layers"] = layers
+        cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+        with torch.device("meta"):
+            m = cls(CLIPTextConfig(**c))
+        sd_ = m.state_dict()
+        return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd_.items()}
+
+    def shapes(d):
+        return {k: list(v.shape) for k, v in sorted(d.items())}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, real in REAL.items():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**real["unet"])
+            vae = AutoencoderKL(**VAE)
+        u, v = unet.state_dict(), vae.state_dict()
+        t = text_model(real["text"])
+        diffusers_shapes = {"unet": shapes(u), "vae": shapes(v), "text_encoder": shapes(t)}
+        ldm = {"model.diffusion_model." + k: x for k, x in xl.convert_unet_state_dict(dict(u)).items()} if name == "sdxl" else \
+              {"model.diffusion_model." + k: x for k, x in sd.convert_unet_state_dict(dict(u)).items()}
+        conv = xl if name == "sdxl" else sd
+        ldm.update({"first_stage_model." + k: x for k, x in conv.convert_vae_state_dict(dict(v)).items()})
+        if name == "sd15":
+            ldm.update({"cond_stage_model.transformer." + k: x for k, x in t.items()})
+        elif name == "sd21":
+            # The published file keeps OpenCLIP's 24th layer, which SD 2.x never runs.
+            t24 = text_model(real["text"], layers=24)
+            t24 = sd.convert_text_enc_state_dict_v20({"transformer." + k: x for k, x in t24.items()})
+            ldm.update({"cond_stage_model.model." + k: x for k, x in t24.items()})
+        else:
+            ldm.update({"conditioner.embedders.0.transformer." + k: x for k, x in t.items()})
+            t2 = text_model(real["text_2"], projection=True)
+            diffusers_shapes["text_encoder_2"] = shapes(t2)
+            t2 = {"conditioner.embedders.1.model." + k: x for k, x in xl.convert_openclip_text_enc_state_dict(t2).items()}
+            t2["conditioner.embedders.1.model.text_projection"] = t2.pop(
+                "conditioner.embedders.1.model.text_projection.weight").T.contiguous()
+            ldm.update(t2)
+        configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": real["text"]}
+        if name == "sdxl":
+            configs["text_encoder_2"] = real["text_2"]
+        doc = {"made_by": "tests/make_checkpoint_fixtures.py", "configs": configs,
+               "diffusers_shapes": diffusers_shapes, "checkpoint_shapes": shapes(ldm)}
+        (out / f"{name}.json").write_text(json.dumps(doc, separators=(",", ":"), default=str) + "\n")
+        print(f"{name}: {len(ldm)} checkpoint keys, {sum(len(x) for x in diffusers_shapes.values())} diffusers weights")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--diffusers-scripts", required=True, type=Path)
@@ -190,6 +284,7 @@ def main():
     xl = load_module(args.diffusers_scripts / "convert_diffusers_to_original_sdxl.py", "conv_sdxl")
     out = FIX / "checkpoints"
     out.mkdir(exist_ok=True)
+    real_shapes(sd, xl, out / "real-shapes")
 
     sd15 = FIX / "models" / "tiny-sd15"
     save_file(to_sd1_or_sd2(sd15, sd, sd2=False), str(out / "tiny-sd15.safetensors"))

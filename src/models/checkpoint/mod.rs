@@ -217,6 +217,21 @@ impl Checkpoint {
         ))
     }
 
+    /// Where a diffusers weight lives in the file and the shape it has there once taken (a third
+    /// of a fused q/k/v, a transposed projection), from the header alone; `None` when the file
+    /// has no such weight.
+    pub fn locate(&self, component: &str, name: &str) -> Option<(String, Vec<usize>)> {
+        let component = Component::parse(component).filter(|_| self.has_component(component))?;
+        let (key, take) = self.lookup(component, name)?;
+        let mut shape = self.shapes.get(&key)?.clone();
+        match take {
+            Take::Whole => {}
+            Take::Third(_) => shape[0] /= 3,
+            Take::Transposed => shape.reverse(),
+        }
+        Some((key, shape))
+    }
+
     /// The checkpoint key and how to take the tensor from it, for a diffusers weight name.
     fn lookup(&self, component: Component, name: &str) -> Option<(String, Take)> {
         let has = |k: &str| self.shapes.contains_key(k);
