@@ -247,6 +247,7 @@ async fn start_engine(plan: &BenchPlan) -> Result<Engine, BenchError> {
         batch_window_pct: plan.opts.batch_window_pct,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
+        loras: Vec::new(),
     })
     .await?)
 }

@@ -126,6 +126,11 @@ struct ServeArgs {
     /// (SD 2.x defaults to v_prediction, as diffusers; 512-base models need epsilon).
     #[arg(long, env = "STEPSTREAM_PREDICTION_TYPE", value_parser = ["epsilon", "v_prediction", "sample"])]
     prediction_type: Option<String>,
+    /// A LoRA to load at start, `[MODEL:]NAME=PATH` (a kohya/A1111 or diffusers/PEFT
+    /// `.safetensors`); requests name it in `loras`. MODEL defaults to the first --model.
+    /// Repeat for more.
+    #[arg(long = "lora", env = "STEPSTREAM_LORA", value_delimiter = ',')]
+    loras: Vec<String>,
     /// Address to listen on.
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
@@ -325,6 +330,29 @@ fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
+/// Reads one `--lora [MODEL:]NAME=PATH`.
+fn read_lora(
+    spec: &str,
+    default_model: &str,
+) -> Result<(String, std::sync::Arc<stepstream::models::lora::LoraFile>)> {
+    let Some((left, path)) = spec.split_once('=') else {
+        bail!("expected [MODEL:]NAME=PATH");
+    };
+    let (model, name) = match left.split_once(':') {
+        Some((m, n)) => (m.to_string(), n),
+        None => (default_model.to_string(), left),
+    };
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("LoRA name `{name}`: use letters, digits, `-`, `_` and `.`");
+    }
+    let file = stepstream::models::lora::LoraFile::read(name, std::path::Path::new(path))?;
+    Ok((model, std::sync::Arc::new(file)))
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     stepstream::kernels::set_mode(args.kernels);
     let device = parse_device(&args.device)?;
@@ -358,6 +386,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         resolved
     };
+    let loras = args
+        .loras
+        .iter()
+        .map(|spec| read_lora(spec, &models[0].0).with_context(|| format!("--lora {spec}")))
+        .collect::<Result<Vec<_>>>()?;
     let limits = Limits {
         max_steps: args.max_steps,
         max_side: args.max_side,
@@ -408,6 +441,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         batch_window_pct: args.batch_window_pct,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
+        loras,
     })
     .await
     .context("loading models")?;

@@ -202,6 +202,7 @@ fn run_with_replayed_noise(case_name: &str, scheduler: &str) {
         latents: Some(case.tensor("init_latents")),
         eta: 0.0,
         decode: false,
+        loras: Vec::new(),
     };
     let noise: Vec<Tensor> = (0..case.num_steps())
         .flat_map(|k| {

@@ -40,6 +40,7 @@ fn params(case: &Case) -> GenerateParams {
         latents: Some(case.tensor("init_latents")),
         eta: 0.0,
         decode: false,
+        loras: Vec::new(),
     }
 }
 
@@ -126,7 +127,7 @@ impl StepCallback for Cutoff {
         let good = StepControl {
             guidance_scale: Some(0.0),
             tensors: vec![("prompt_embeds".into(), half)],
-            interrupt: false,
+            ..Default::default()
         };
         validate_control(s, &allowed, &good).unwrap();
         Ok(good)

@@ -697,6 +697,7 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
             }),
             eta,
             guidance_rescale,
+            loras: Vec::new(),
         },
     )
 }
@@ -957,6 +958,7 @@ proptest! {
             guidance_scale: guidance,
             tensors: replaced.iter().map(|(n, s)| (n.clone(), make(s, &l))).collect(),
             interrupt,
+            lora_scales: Vec::new(),
         };
         match validate_control(&state, &allowed, &control) {
             Ok(()) => {

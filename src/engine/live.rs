@@ -12,6 +12,7 @@ use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
 use super::{EngineError, SessionLink, Slot, StopReason};
 use crate::metrics::Metrics;
+use crate::pipeline::check_lora_scale;
 use crate::pipeline::sd::GenerationOutput;
 use crate::pipeline::{validate_control, Session, StepControl, StepState};
 use crate::proto;
@@ -365,10 +366,32 @@ impl<'m> Live<'m> {
                 .map_err(|e| (field.clone(), e.to_string()))?;
             replaced.push((name.clone(), t));
         }
+        let mut lora_scales = Vec::with_capacity(reply.lora_scales.len());
+        let mut lora_names: Vec<&String> = reply.lora_scales.keys().collect();
+        lora_names.sort();
+        for name in lora_names {
+            let field = format!("lora_scales[{name}]");
+            let scale = reply.lora_scales[name];
+            let adapter = session
+                .model()
+                .lora_index(name)
+                .filter(|a| session.loras().iter().any(|l| l.adapter == *a))
+                .ok_or_else(|| {
+                    (
+                        field.clone(),
+                        "not a LoRA of this request (list it in GenerateRequest.loras, with \
+                         scale 0 to start it off)"
+                            .to_string(),
+                    )
+                })?;
+            check_lora_scale(scale).map_err(|why| (field, why))?;
+            lora_scales.push((adapter, scale as f64));
+        }
         let control = StepControl {
             guidance_scale: reply.guidance_scale.map(f64::from),
             tensors: replaced,
             interrupt: reply.interrupt,
+            lora_scales,
         };
         validate_control(&state, &sub.tensor_inputs, &control).map_err(|r| (r.field, r.reason))?;
         Ok(control)

@@ -152,6 +152,8 @@ pub struct EngineConfig {
     pub default_reply_timeout: Duration,
     /// The largest tensor a client may send, in bytes.
     pub max_tensor_bytes: usize,
+    /// LoRAs to attach at load, `(model id, file)`, in the order requests see them.
+    pub loras: Vec<(String, Arc<crate::models::lora::LoraFile>)>,
 }
 
 impl EngineConfig {
@@ -458,6 +460,16 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             other => format!("{other:?}"),
         },
+        loras: m
+            .loras
+            .iter()
+            .map(|l| proto::LoraInfo {
+                name: l.name.clone(),
+                format: l.format.as_str().into(),
+                rank: l.rank as u32,
+                modules: l.modules.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -483,14 +495,34 @@ fn worker(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "fused kernel check could not run"),
     }
+    if let Some((model, file)) = config
+        .loras
+        .iter()
+        .find(|(model, _)| !config.models.iter().any(|(id, _)| id == model))
+    {
+        let _ = ready.send(Err(ModelError::Unsupported {
+            path: file.path.display().to_string(),
+            reason: format!(
+                "LoRA `{}` is for model `{model}`, which is not served",
+                file.name
+            ),
+        }));
+        return;
+    }
     let mut models = Vec::new();
     for (id, source) in &config.models {
         let t0 = Instant::now();
-        match StableDiffusionModel::load(id.clone(), source, &config.device, config.dtype) {
-            Ok(m) => {
+        let loaded = StableDiffusionModel::load(id.clone(), source, &config.device, config.dtype)
+            .and_then(|mut m| {
                 tracing::info!(model = %id, source = %source.describe(), ms = t0.elapsed().as_millis() as u64, "model loaded");
-                models.push(m);
-            }
+                for (_, file) in config.loras.iter().filter(|(model, _)| model == id) {
+                    let info = m.add_lora(file)?;
+                    tracing::info!(model = %id, lora = %info.name, format = info.format.as_str(), rank = info.rank, modules = info.modules.len(), "LoRA attached");
+                }
+                Ok(m)
+            });
+        match loaded {
+            Ok(m) => models.push(m),
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;

@@ -7,6 +7,8 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::lora::layer::{self as lora, LoraLinear};
 use serde::Deserialize;
 
 use super::{ModelError, ModelSource, Result};
@@ -203,10 +205,10 @@ impl LayerNorm {
 
 #[derive(Clone, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
     num_heads: usize,
     head_dim: usize,
     scale: f64,
@@ -217,10 +219,10 @@ impl Attention {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: lora::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: lora::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: lora::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: lora::linear(h, h, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -250,8 +252,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
     act: ClipActivation,
 }
 
@@ -262,8 +264,8 @@ impl EncoderLayer {
             layer_norm1: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
+            fc1: lora::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: lora::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
             act,
         })
     }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod embedded;
 pub mod hub;
+pub mod lora;
 pub mod pipeline_model;
 pub mod source;
 pub mod synthetic;
@@ -77,9 +78,18 @@ pub enum ModelError {
     /// Resolving a hub model id failed.
     #[error("hub: {0}")]
     Hub(String),
+    /// A LoRA could not be read or does not fit its model (boxed: it is large and rare).
+    #[error(transparent)]
+    Lora(Box<lora::LoraError>),
     /// A tensor operation failed (wrong weight shapes, missing weights, ...).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<lora::LoraError> for ModelError {
+    fn from(e: lora::LoraError) -> Self {
+        ModelError::Lora(Box::new(e))
+    }
 }
 
 /// Result alias for model code.

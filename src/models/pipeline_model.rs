@@ -4,7 +4,12 @@
 use candle_core::{DType, Device};
 use serde::Deserialize;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use super::clip::{ClipTextConfig, ClipTextModel};
+use super::lora::layer::collect_slots;
+use super::lora::{LoraError, LoraFile, LoraInfo, LoraScales, Slots, Target};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
@@ -103,6 +108,12 @@ pub struct StableDiffusionModel {
     pub device: Device,
     /// The compute dtype.
     pub dtype: DType,
+    /// The LoRAs attached, in adapter order (a request's names index into this).
+    pub loras: Vec<LoraInfo>,
+    /// The per-call adapter scales every adapted layer reads.
+    pub lora_scales: Arc<LoraScales>,
+    /// The adaptable layers of each network.
+    lora_slots: HashMap<Target, Slots>,
 }
 
 /// The tensors a callback may read and replace for SD 1.x/2.x (diffusers' `_callback_tensor_inputs`).
@@ -170,16 +181,25 @@ impl StableDiffusionModel {
             .map_err(|e| unsupported(source, "scheduler/scheduler_config.json", e.to_string()))?;
         let scheduler_config = legacy_scheduler_fixups(&id, scheduler_config);
         let tokenizer = ClipTokenizer::load(source, "tokenizer")?;
-        let text_encoder = ClipTextModel::new(
-            source.var_builder("text_encoder", dtype, device)?,
-            &text_config,
-        )?;
+        let mut lora_slots = HashMap::new();
+        let (text_encoder, slots) = collect_slots(|| {
+            ClipTextModel::new(
+                source.var_builder("text_encoder", dtype, device)?,
+                &text_config,
+            )
+        });
+        let text_encoder = text_encoder?;
+        lora_slots.insert(Target::TextEncoder, Slots::new(slots, |_| None));
         let encoder_2 = if family == Family::Sdxl {
             let config = ClipTextConfig::load(source, "text_encoder_2")?;
-            let text_encoder = ClipTextModel::new(
-                source.var_builder("text_encoder_2", dtype, device)?,
-                &config,
-            )?;
+            let (text_encoder, slots) = collect_slots(|| {
+                ClipTextModel::new(
+                    source.var_builder("text_encoder_2", dtype, device)?,
+                    &config,
+                )
+            });
+            let text_encoder = text_encoder?;
+            lora_slots.insert(Target::TextEncoder2, Slots::new(slots, |_| None));
             if !text_encoder.has_projection() {
                 return Err(unsupported(
                     source,
@@ -195,8 +215,19 @@ impl StableDiffusionModel {
         } else {
             None
         };
-        let unet =
-            UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)?;
+        let (unet, slots) = collect_slots(|| {
+            UNet2DConditionModel::new(source.var_builder("unet", dtype, device)?, &unet_config)
+        });
+        let unet = unet?;
+        // kohya files for SDXL name UNet modules in the original layout (`input_blocks_4_1_...`).
+        let layers = match &unet_config.layers_per_block {
+            super::unet::OneOrMany::One(n) => *n,
+            super::unet::OneOrMany::Many(v) => v.first().copied().unwrap_or(2),
+        };
+        lora_slots.insert(
+            Target::Unet,
+            Slots::new(slots, |m| super::checkpoint::ldm_unet_module(m, layers)),
+        );
         let vae_config = VaeConfig::load(source, "vae")?;
         let vae_dtype = vae_dtype_for(family, &vae_config, dtype);
         let vae = AutoencoderKl::new(source.var_builder("vae", vae_dtype, device)?, &vae_config)?;
@@ -242,7 +273,39 @@ impl StableDiffusionModel {
             },
             device: device.clone(),
             dtype,
+            loras: Vec::new(),
+            lora_scales: Arc::new(LoraScales::default()),
+            lora_slots,
         })
+    }
+
+    /// Attaches a LoRA as the next adapter, after checking every pair against the layers;
+    /// refused (nothing attached) when a module does not fit or the name is taken.
+    pub fn add_lora(&mut self, file: &LoraFile) -> std::result::Result<&LoraInfo, LoraError> {
+        if self.lora_index(&file.name).is_some() {
+            return Err(LoraError::Unsupported {
+                name: file.name.clone(),
+                path: file.path.display().to_string(),
+                reason: format!("model `{}` already has a LoRA of this name", self.id),
+            });
+        }
+        let slots: HashMap<Target, &Slots> = self.lora_slots.iter().map(|(t, s)| (*t, s)).collect();
+        let info = super::lora::attach(
+            file,
+            self.loras.len(),
+            &self.id,
+            &slots,
+            &self.lora_scales,
+            self.dtype,
+            &self.device,
+        )?;
+        self.loras.push(info);
+        Ok(self.loras.last().expect("just pushed"))
+    }
+
+    /// The adapter index of a LoRA name.
+    pub fn lora_index(&self, name: &str) -> Option<usize> {
+        self.loras.iter().position(|l| l.name == name)
     }
 
     /// Pixels per latent cell along each axis.

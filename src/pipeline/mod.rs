@@ -86,6 +86,24 @@ pub struct StepControl {
     pub tensors: Vec<(String, Tensor)>,
     /// diffusers' `pipe._interrupt = True`.
     pub interrupt: bool,
+    /// New UNet scales by adapter index (diffusers: `pipe.set_adapters`), replacing the
+    /// request's scale and schedule for that LoRA.
+    pub lora_scales: Vec<(usize, f64)>,
+}
+
+/// The largest LoRA scale magnitude a request or reply may set (diffusers has no bound; past
+/// this a LoRA's contribution swamps the base model and the numbers are noise).
+pub const MAX_LORA_SCALE: f32 = 100.0;
+
+/// Checks one LoRA scale: finite and within ±[`MAX_LORA_SCALE`].
+pub fn check_lora_scale(scale: f32) -> Result<(), String> {
+    if scale.is_finite() && scale.abs() <= MAX_LORA_SCALE {
+        Ok(())
+    } else {
+        Err(format!(
+            "{scale} must be finite and within ±{MAX_LORA_SCALE}"
+        ))
+    }
 }
 
 /// A reply that cannot be applied: the field at fault and why (sent as ReplyRejected).
@@ -306,6 +324,7 @@ mod tests {
             guidance_scale: g,
             tensors: tensors.into_iter().map(|(n, t)| (n.into(), t)).collect(),
             interrupt: false,
+            lora_scales: Vec::new(),
         }
     }
 

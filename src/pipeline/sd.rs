@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::session::{Session, SessionParts};
 use super::PipelineError;
+use crate::models::lora::Scale;
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::rng::NoiseGenerator;
 use crate::schedulers::{self, SchedulerOptions};
@@ -43,6 +44,41 @@ pub struct GenerateParams {
     pub eta: f64,
     /// Whether to VAE-decode to PNG (false: latents only).
     pub decode: bool,
+    /// The model's LoRAs this generation applies.
+    pub loras: Vec<LoraUse>,
+}
+
+/// A LoRA a generation applies: its adapter index in the model and its UNet scale per step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraUse {
+    /// Index into the model's `loras`.
+    pub adapter: usize,
+    /// The scale at steps `schedule` does not cover.
+    pub scale: f64,
+    /// One scale per step, when given.
+    pub schedule: Option<Vec<f64>>,
+}
+
+impl LoraUse {
+    /// The UNet scale at `step`.
+    pub fn at(&self, step: usize) -> f64 {
+        self.schedule
+            .as_ref()
+            .and_then(|s| s.get(step).copied())
+            .unwrap_or(self.scale)
+    }
+}
+
+/// The text encoders' adapter scales for a generation: each LoRA's step-0 scale (the prompt is
+/// encoded once, before the loop, as in diffusers).
+fn text_lora_scales(model: &StableDiffusionModel, loras: &[LoraUse]) -> Vec<Option<Scale>> {
+    let mut scales = vec![None; model.loras.len()];
+    for l in loras {
+        if let Some(slot) = scales.get_mut(l.adapter) {
+            *slot = Some(Scale::Uniform(l.at(0)));
+        }
+    }
+    scales
 }
 
 impl GenerateParams {
@@ -65,6 +101,7 @@ impl GenerateParams {
             latents: None,
             eta: 0.0,
             decode: true,
+            loras: Vec::new(),
         }
     }
 }
@@ -241,6 +278,18 @@ pub fn prepare<'m>(
     )
     .map_err(|e| invalid("scheduler", e.to_string()))?;
 
+    if let Some(l) = params.loras.iter().find(|l| l.adapter >= model.loras.len()) {
+        return Err(invalid(
+            "loras",
+            format!(
+                "adapter {} of a model with {}",
+                l.adapter,
+                model.loras.len()
+            ),
+        ));
+    }
+    let text_scales = text_lora_scales(model, &params.loras);
+
     // Prompt embeddings, diffusers' encode_prompt.
     let t0 = Instant::now();
     let cfg = params.guidance_scale > 1.0;
@@ -266,7 +315,9 @@ pub fn prepare<'m>(
             check_embeds("prompt_embeds", pe)?;
             (pe.to_dtype(DType::F32)?.to_device(device)?, None)
         }
-        None => encode_text(model, &params.prompt)?,
+        None => model
+            .lora_scales
+            .during(text_scales.clone(), || encode_text(model, &params.prompt))?,
     };
     let b = positive.dim(0)?;
     let negative: Option<(Tensor, Option<Tensor>)> = if !cfg {
@@ -292,7 +343,9 @@ pub fn prepare<'m>(
         ))
     } else {
         let text = params.negative_prompt.as_deref().unwrap_or("");
-        let (one, one_pooled) = encode_text(model, text)?;
+        let (one, one_pooled) = model
+            .lora_scales
+            .during(text_scales.clone(), || encode_text(model, text))?;
         if one.dim(1)? != positive.dim(1)? {
             return Err(invalid(
                 "prompt_embeds",
@@ -391,6 +444,7 @@ pub fn prepare<'m>(
         batch,
         decode: params.decode,
         encode_ms,
+        loras: params.loras.clone(),
     }))
 }
 

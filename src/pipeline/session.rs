@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::sd::{decode_images, rescale_noise_cfg, GenerationOutput, Timings};
+use super::sd::{decode_images, rescale_noise_cfg, GenerationOutput, LoraUse, Timings};
 use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
+use crate::models::lora::Scale;
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::models::unet::AddedConditions;
 use crate::rng::NoiseSource;
@@ -29,6 +30,7 @@ pub(super) struct SessionParts<'m> {
     pub(super) batch: usize,
     pub(super) decode: bool,
     pub(super) encode_ms: f64,
+    pub(super) loras: Vec<LoraUse>,
 }
 
 /// What sessions must share to run in one UNet call: the model (and so its dtype), the latents'
@@ -76,6 +78,8 @@ pub struct Session<'m> {
     first_step_at: Option<Instant>,
     last_step_done_at: Option<Instant>,
     callback_wait_ms: f64,
+    /// The LoRAs applied and their scales per step.
+    loras: Vec<LoraUse>,
 }
 
 impl<'m> Session<'m> {
@@ -103,7 +107,13 @@ impl<'m> Session<'m> {
             first_step_at: None,
             last_step_done_at: None,
             callback_wait_ms: 0.0,
+            loras: p.loras,
         }
+    }
+
+    /// The LoRAs this session applies, with their current scales.
+    pub fn loras(&self) -> &[LoraUse] {
+        &self.loras
     }
 
     /// The model this session runs on.
@@ -226,6 +236,20 @@ impl<'m> Session<'m> {
             self.guidance_scale = g;
         }
         self.interrupted |= control.interrupt;
+        for (adapter, scale) in control.lora_scales {
+            match self.loras.iter_mut().find(|l| l.adapter == adapter) {
+                Some(l) => {
+                    l.scale = scale;
+                    l.schedule = None;
+                }
+                None => {
+                    return Err(PipelineError::InvalidRequest {
+                        field: "lora_scales".into(),
+                        reason: format!("adapter {adapter} is not applied by this generation"),
+                    })
+                }
+            }
+        }
         for (name, t) in control.tensors {
             let t = t.to_dtype(DType::F32)?.to_device(&self.model.device)?;
             match name.as_str() {
@@ -415,9 +439,14 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
             time_ids: pack(&times)?,
         })
     };
+    let scales = unet_lora_scales(model, sessions, &inputs)?;
     let eps = model
-        .unet
-        .forward_rows(&x, &timesteps, &context, added.as_ref())?
+        .lora_scales
+        .during(scales, || {
+            model
+                .unet
+                .forward_rows(&x, &timesteps, &context, added.as_ref())
+        })?
         .to_dtype(DType::F32)?;
     let mut row = 0;
     for ((s, &cfg), input) in sessions.iter_mut().zip(&cfgs).zip(&inputs) {
@@ -449,6 +478,41 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
         s.last_step_done_at = Some(done_at);
     }
     Ok(ms)
+}
+
+/// Each adapter's UNet scale for every row of this call (`None`: no row uses it), in the rows'
+/// order: a session's rows (both CFG halves) take its scale at its own next step.
+fn unet_lora_scales(
+    model: &StableDiffusionModel,
+    sessions: &[&mut Session<'_>],
+    inputs: &[Tensor],
+) -> Result<Vec<Option<Scale>>, PipelineError> {
+    let n = model.loras.len();
+    if n == 0 || sessions.iter().all(|s| s.loras.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(n);
+    for adapter in 0..n {
+        let mut rows = Vec::new();
+        for (s, input) in sessions.iter().zip(inputs) {
+            let scale = s
+                .loras
+                .iter()
+                .find(|l| l.adapter == adapter)
+                .map(|l| l.at(s.next))
+                .unwrap_or(0.0);
+            rows.extend(std::iter::repeat_n(scale as f32, input.dim(0)?));
+        }
+        out.push(if rows.iter().all(|&r| r == 0.0) {
+            None
+        } else {
+            let len = rows.len();
+            Some(Scale::Rows(
+                Tensor::from_vec(rows, (len, 1, 1), &model.device)?.to_dtype(model.dtype)?,
+            ))
+        });
+    }
+    Ok(out)
 }
 
 /// Decodes finished sessions of one model together: latents of equal shape go through the VAE

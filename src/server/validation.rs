@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::engine::{EngineError, RequestTensors, Subscription};
-use crate::pipeline::sd::GenerateParams;
+use crate::pipeline::check_lora_scale;
+use crate::pipeline::sd::{GenerateParams, LoraUse};
 use crate::proto;
 
 /// Limits requests are checked against.
@@ -197,6 +198,7 @@ pub fn validate(
         .as_ref()
         .map(|c| validate_callback(c, model, limits))
         .transpose()?;
+    let loras = validate_loras(&req.loras, model, steps as usize)?;
     let params = GenerateParams {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
@@ -213,6 +215,7 @@ pub fn validate(
         latents: None,
         eta: eta as f64,
         decode,
+        loras,
     };
     Ok(Validated {
         params,
@@ -224,6 +227,71 @@ pub fn validate(
         subscription,
         return_latents: output.return_latents || !decode,
     })
+}
+
+/// A request's LoRAs: names the model serves, each once, with finite bounded scales and a
+/// schedule of one scale per step.
+fn validate_loras(
+    loras: &[proto::LoraRequest],
+    model: &proto::ModelInfo,
+    steps: usize,
+) -> Result<Vec<LoraUse>, EngineError> {
+    let mut out: Vec<LoraUse> = Vec::with_capacity(loras.len());
+    for (i, l) in loras.iter().enumerate() {
+        let field = |f: &str| format!("loras[{i}].{f}");
+        let adapter = model
+            .loras
+            .iter()
+            .position(|m| m.name == l.name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = model.loras.iter().map(|m| m.name.as_str()).collect();
+                invalid(
+                    &field("name"),
+                    format!(
+                        "model `{}` has no LoRA `{}`; it serves: {}",
+                        model.id,
+                        l.name,
+                        if known.is_empty() {
+                            "none (serve --lora NAME=PATH)".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })?;
+        if out.iter().any(|u| u.adapter == adapter) {
+            return Err(invalid(
+                &field("name"),
+                format!("`{}` is listed twice", l.name),
+            ));
+        }
+        let scale = l.scale.unwrap_or(1.0);
+        check_lora_scale(scale).map_err(|why| invalid(&field("scale"), why))?;
+        let schedule = if l.schedule.is_empty() {
+            None
+        } else {
+            if l.schedule.len() != steps {
+                return Err(invalid(
+                    &field("schedule"),
+                    format!(
+                        "{} values for {steps} steps (one per step)",
+                        l.schedule.len()
+                    ),
+                ));
+            }
+            for (k, s) in l.schedule.iter().enumerate() {
+                check_lora_scale(*s)
+                    .map_err(|why| invalid(&format!("loras[{i}].schedule[{k}]"), why))?;
+            }
+            Some(l.schedule.iter().map(|&s| s as f64).collect())
+        };
+        out.push(LoraUse {
+            adapter,
+            scale: scale as f64,
+            schedule,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_callback(

@@ -26,6 +26,8 @@ pub struct Options {
     pub models: Vec<(String, ModelSource)>,
     /// Server settings (its `limits.default_reply_timeout` is replaced by `reply_timeout`).
     pub config: ServerConfig,
+    /// LoRAs to attach, `(model id, file)`.
+    pub loras: Vec<(String, std::sync::Arc<stepstream::models::lora::LoraFile>)>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
                 "tiny-sd15".into(),
                 ModelSource::Dir(super::model_dir("tiny-sd15")),
             )],
+            loras: Vec::new(),
         }
     }
 }
@@ -111,6 +114,7 @@ pub async fn start(opts: Options) -> TestServer {
         batch_window_pct: 10,
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
+        loras: opts.loras,
     })
     .await
     .expect("engine starts");

@@ -370,6 +370,13 @@ impl candle_nn::var_builder::SimpleBackend for ComponentWeights {
     }
 }
 
+/// A UNet module's name in the original layout (`down_blocks.1.attentions.0.proj_in` →
+/// `input_blocks.4.1.proj_in`), for LoRA files that use it.
+pub(crate) fn ldm_unet_module(module: &str, layers_per_block: usize) -> Option<String> {
+    let key = keys::unet(&format!("{module}.weight"), layers_per_block, &|_| false)?;
+    key.strip_suffix(".weight").map(String::from)
+}
+
 /// Whether any key starts with `prefix`.
 fn has_prefix(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> bool {
     shapes

@@ -2,7 +2,12 @@
 //! (`Timesteps`, `TimestepEmbedding`, `ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`, `Upsample2D`).
 
 use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
 use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use crate::models::lora::layer::{self as lora, LoraLinear};
+use crate::models::lora::LoraSlot;
 
 use crate::kernels::{Conv2d, GroupNorm};
 
@@ -218,10 +223,10 @@ impl ResnetBlock2D {
 /// diffusers' `Attention` with the default processor: softmax(Q Kᵀ / sqrt(d)) V per head, then `to_out.0`.
 #[derive(Debug)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: usize,
     scale: f64,
     upcast: bool,
@@ -238,10 +243,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: lora::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: lora::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: lora::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: lora::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
@@ -261,8 +266,8 @@ impl Attention {
 /// diffusers' `FeedForward` with GEGLU: `net.2(h * gelu_erf(gate))` where `[h | gate] = net.0.proj(x)`.
 #[derive(Debug)]
 struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: LoraLinear,
+    out: LoraLinear,
     inner: usize,
 }
 
@@ -270,8 +275,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj: lora::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            out: lora::linear(inner, dim, vb.pp("net").pp("2"))?,
             inner,
         })
     }
@@ -334,11 +339,12 @@ impl BasicTransformerBlock {
     }
 }
 
-/// `proj_in` / `proj_out`: a Linear on tokens or a 1x1 convolution on the feature map.
+/// `proj_in` / `proj_out`: a Linear on tokens or a 1x1 convolution on the feature map (whose
+/// LoRA slot is applied on the tokens, where a 1x1 convolution is a Linear).
 #[derive(Debug)]
 enum Proj {
-    Linear(Linear),
-    Conv(Conv2d),
+    Linear(LoraLinear),
+    Conv(Conv2d, Arc<LoraSlot>),
 }
 
 /// diffusers' `Transformer2DModel` on continuous input (GroupNorm, proj_in, blocks, proj_out, residual).
@@ -368,13 +374,20 @@ impl Transformer2D {
         let inner = p.heads * head_dim;
         let (proj_in, proj_out) = if p.linear_projection {
             (
-                Proj::Linear(candle_nn::linear(p.channels, inner, vb.pp("proj_in"))?),
-                Proj::Linear(candle_nn::linear(inner, p.channels, vb.pp("proj_out"))?),
+                Proj::Linear(lora::linear(p.channels, inner, vb.pp("proj_in"))?),
+                Proj::Linear(lora::linear(inner, p.channels, vb.pp("proj_out"))?),
             )
         } else {
+            let (vin, vout) = (vb.pp("proj_in"), vb.pp("proj_out"));
             (
-                Proj::Conv(conv(vb.pp("proj_in"), p.channels, inner, 1, 1, 0)?),
-                Proj::Conv(conv(vb.pp("proj_out"), inner, p.channels, 1, 1, 0)?),
+                Proj::Conv(
+                    conv(vin.clone(), p.channels, inner, 1, 1, 0)?,
+                    lora::slot(&vin, p.channels, inner),
+                ),
+                Proj::Conv(
+                    conv(vout.clone(), inner, p.channels, 1, 1, 0)?,
+                    lora::slot(&vout, inner, p.channels),
+                ),
             )
         };
         let blocks = (0..p.depth)
@@ -412,7 +425,14 @@ impl Transformer2D {
                 .reshape((b, h * w, c))?)
         };
         let mut hs = match &self.proj_in {
-            Proj::Conv(c) => to_tokens(&c.forward(&hs)?, self.inner)?,
+            Proj::Conv(c, slot) => {
+                let y = to_tokens(&c.forward(&hs)?, self.inner)?;
+                if slot.is_adapted() {
+                    slot.add(&to_tokens(&hs, hs.dim(1)?)?, y)?
+                } else {
+                    y
+                }
+            }
             Proj::Linear(l) => l.forward(&to_tokens(&hs, hs.dim(1)?)?)?,
         };
         for block in &self.blocks {
@@ -425,7 +445,19 @@ impl Transformer2D {
                 .contiguous()?)
         };
         let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_map(&hs)?)?,
+            Proj::Conv(c, slot) => {
+                let y = c.forward(&to_map(&hs)?)?;
+                if slot.is_adapted() {
+                    let tokens = (y.permute((0, 2, 3, 1))?.contiguous()?).reshape((
+                        b,
+                        h * w,
+                        slot.out_dim,
+                    ))?;
+                    to_map(&slot.add(&hs, tokens)?)?
+                } else {
+                    y
+                }
+            }
             Proj::Linear(l) => to_map(&l.forward(&hs)?)?,
         };
         Ok((out + x)?)
