@@ -126,6 +126,11 @@ struct ServeArgs {
     /// (SD 2.x defaults to v_prediction, as diffusers; 512-base models need epsilon).
     #[arg(long, env = "STEPSTREAM_PREDICTION_TYPE", value_parser = ["epsilon", "v_prediction", "sample"])]
     prediction_type: Option<String>,
+    /// For diffusers folders and hub ids: the weight variant to load, e.g. `fp16`
+    /// (`*.fp16.safetensors`, falling back to the plain file where a component has none).
+    /// Unset: the smallest files that fit --dtype (the `fp16` ones for f16/bf16).
+    #[arg(long, env = "STEPSTREAM_VARIANT")]
+    variant: Option<String>,
     /// A LoRA to load at start, `[MODEL:]NAME=PATH` (a kohya/A1111 or diffusers/PEFT
     /// `.safetensors`); requests name it in `loras`. MODEL defaults to the first --model.
     /// Repeat for more.
@@ -298,6 +303,10 @@ struct GenerateArgs {
     /// wait. Without this or --cfg-cutoff the image comes from one GenerateOnce call.
     #[arg(long, env = "STEPSTREAM_OBSERVE")]
     observe: bool,
+    /// A LoRA the server serves for the model: `NAME` (scale 1), `NAME=SCALE`, or
+    /// `NAME=S0:S1:...` (one scale per step); repeatable.
+    #[arg(long = "lora", env = "STEPSTREAM_GENERATE_LORA")]
+    loras: Vec<String>,
     /// Output PNG file (with several images: NAME-1.png, NAME-2.png, ...).
     #[arg(long, env = "STEPSTREAM_OUT", default_value = "out.png")]
     out: PathBuf,
@@ -361,9 +370,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("no --model given: serving the embedded tiny model (random weights, its images are noise)");
         vec![(embedded::EMBEDDED_MODEL_ID.to_string(), embedded::source())]
     } else {
-        let options = stepstream::models::checkpoint::CheckpointOptions {
-            config_dir: args.model_config.clone(),
-            prediction_type: args.prediction_type.clone(),
+        let options = hub::ResolveOptions {
+            checkpoint: stepstream::models::checkpoint::CheckpointOptions {
+                config_dir: args.model_config.clone(),
+                prediction_type: args.prediction_type.clone(),
+            },
+            variant: args.variant.clone(),
+            half: matches!(dtype, DType::F16 | DType::BF16),
         };
         let resolved = args
             .models
@@ -373,7 +386,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let any_checkpoint = resolved
             .iter()
             .any(|(_, s)| matches!(s, stepstream::models::ModelSource::Checkpoint(_)));
-        if !any_checkpoint && (options.config_dir.is_some() || options.prediction_type.is_some()) {
+        if !any_checkpoint
+            && (options.checkpoint.config_dir.is_some()
+                || options.checkpoint.prediction_type.is_some())
+        {
             bail!(
                 "--model-config and --prediction-type apply to single-file checkpoints, and no \
                  --model is one (a diffusers folder or hub id carries its own configs)"
@@ -602,6 +618,29 @@ fn connect_options(args: &GenerateArgs) -> Result<client::ConnectOptions> {
     })
 }
 
+/// One `generate --lora`: `NAME`, `NAME=SCALE` or `NAME=S0:S1:...` (one scale per step).
+fn lora_request(spec: &str) -> Result<proto::LoraRequest> {
+    let (name, value) = spec.split_once('=').unwrap_or((spec, ""));
+    if name.is_empty() {
+        bail!("expected NAME, NAME=SCALE or NAME=S0:S1:...");
+    }
+    let parse = |v: &str| -> Result<f32> {
+        v.trim()
+            .parse::<f32>()
+            .with_context(|| format!("`{v}` is not a number"))
+    };
+    let mut req = proto::LoraRequest {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    if value.contains(':') {
+        req.schedule = value.split(':').map(parse).collect::<Result<_>>()?;
+    } else if !value.is_empty() {
+        req.scale = Some(parse(value)?);
+    }
+    Ok(req)
+}
+
 async fn generate(args: GenerateArgs) -> Result<()> {
     let mut client = Client::connect_with(&args.addr, connect_options(&args)?)
         .await?
@@ -617,6 +656,11 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance,
         seed: args.seed,
         scheduler: args.scheduler,
+        loras: args
+            .loras
+            .iter()
+            .map(|l| lora_request(l).with_context(|| format!("--lora {l}")))
+            .collect::<Result<Vec<_>>>()?,
         ..Default::default()
     };
     let mut bar = Bar::default();

@@ -356,6 +356,10 @@ fn a_checkpoint_path_resolves_to_its_file_stem() {
         config_dir: Some(common::model_dir("tiny-sd15")),
         prediction_type: None,
     };
+    let options = hub::ResolveOptions {
+        checkpoint: options,
+        ..Default::default()
+    };
     let (id, source) = hub::resolve_with(file.to_str().unwrap(), &options).unwrap();
     assert_eq!(id, "tiny-sd15");
     assert!(matches!(source, ModelSource::Checkpoint(_)));

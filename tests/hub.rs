@@ -123,3 +123,76 @@ fn pickled_weights_are_refused_by_name_and_never_opened() {
     assert!(msg.contains("unet/diffusion_pytorch_model.bin"), "{msg}");
     assert!(msg.contains("arbitrary code"), "{msg}");
 }
+
+/// Writes every tensor of `from` to `to` converted to f16.
+fn to_f16(from: &Path, to: &Path) {
+    let tensors = candle_core::safetensors::load(from, &Device::Cpu).unwrap();
+    let half: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&half, to).unwrap();
+}
+
+/// `--variant fp16` reads `*.fp16.safetensors` and falls back to the plain file where a
+/// component has none; without it, the files that fit the dtype come first (f32: the plain ones,
+/// f16: the fp16 ones).
+#[test]
+fn the_fp16_variant_is_read_when_asked_for_or_when_the_dtype_is_half() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-sd15-fp16");
+    common::copy_dir(&common::model_dir("tiny-sd15"), &dir);
+    let unet = dir.join("unet");
+    to_f16(
+        &unet.join("diffusion_pytorch_model.safetensors"),
+        &unet.join("diffusion_pytorch_model.fp16.safetensors"),
+    );
+    // Tell the files apart: the plain UNet's conv_in becomes zeros.
+    let mut plain = candle_core::safetensors::load(
+        unet.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w = plain["conv_in.weight"].zeros_like().unwrap();
+    plain.insert("conv_in.weight".into(), w);
+    candle_core::safetensors::save(&plain, unet.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+
+    let conv_in_sum = |source: &ModelSource, dtype: DType| -> f32 {
+        let vb = source.var_builder("unet", dtype, &Device::Cpu).unwrap();
+        vb.get((16, 4, 3, 3), "conv_in.weight")
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let spec = dir.to_str().unwrap();
+    let (_, plain_source) = hub::resolve(spec).unwrap();
+    assert_eq!(
+        conv_in_sum(&plain_source, DType::F32),
+        0.0,
+        "f32: the plain file"
+    );
+    assert!(
+        conv_in_sum(&plain_source, DType::F16) > 0.0,
+        "f16: the fp16 file"
+    );
+    let options = hub::ResolveOptions {
+        variant: Some("fp16".into()),
+        ..Default::default()
+    };
+    let (id, variant) = hub::resolve_with(spec, &options).unwrap();
+    assert_eq!(id, "tiny-sd15-fp16");
+    assert!(
+        conv_in_sum(&variant, DType::F32) > 0.0,
+        "--variant fp16 in f32: the fp16 file"
+    );
+    // The VAE has no fp16 file: the plain one loads, and the whole model runs.
+    let m = StableDiffusionModel::load(id, &variant, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(m.family.as_str(), "sd1");
+}

@@ -129,11 +129,26 @@ fn python_client_suite_passes_against_the_server() {
     // by id.
     let sd15 = repo().join("tests/fixtures/models/tiny-sd15");
     let sdxl = repo().join("tests/fixtures/models/tiny-sdxl");
+    // The LoRA fixtures for tiny-sd15 (the default model), as `a` and `b`.
+    let lora_a = format!(
+        "a={}",
+        repo().join("tests/fixtures/loras/a.safetensors").display()
+    );
+    let lora_b = format!(
+        "b={}",
+        repo()
+            .join("tests/fixtures/loras/b-kohya.safetensors")
+            .display()
+    );
     let server = spawn_serve([
         std::ffi::OsStr::new("--model"),
         sd15.as_os_str(),
         std::ffi::OsStr::new("--model"),
         sdxl.as_os_str(),
+        std::ffi::OsStr::new("--lora"),
+        std::ffi::OsStr::new(&lora_a),
+        std::ffi::OsStr::new("--lora"),
+        std::ffi::OsStr::new(&lora_b),
     ]);
     let addr = server.addr.clone();
     let out = Command::new(&python)

@@ -8,10 +8,50 @@ use hf_hub::{Cache, Repo, RepoType};
 use super::checkpoint::{Checkpoint, CheckpointOptions};
 use super::{ModelError, ModelSource, Result};
 
-/// The files a diffusers repo needs, from its `model_index.json`: `(path, required)` for every
-/// component it names (`tokenizer_2` and `text_encoder_2` too, for SDXL).
-pub fn needed_files(model_index: &serde_json::Value) -> Vec<(String, bool)> {
-    let mut files = vec![("model_index.json".to_string(), true)];
+/// One file a model needs: the names it may have, in the order tried, and whether it must exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Needed {
+    /// Paths inside the repo, preferred first (a weight: its variant files, then the others).
+    pub names: Vec<String>,
+    /// Whether the model cannot load without it.
+    pub required: bool,
+}
+
+/// How to resolve a `--model` value.
+#[derive(Clone, Debug, Default)]
+pub struct ResolveOptions {
+    /// For single-file checkpoints.
+    pub checkpoint: CheckpointOptions,
+    /// The weight variant to prefer (`fp16`); `None`: the smallest that fits `half`.
+    pub variant: Option<String>,
+    /// Whether the compute dtype is f16/bf16 (then the `fp16` files are the ones to fetch).
+    pub half: bool,
+}
+
+impl ResolveOptions {
+    fn dtype(&self) -> candle_core::DType {
+        if self.half {
+            candle_core::DType::F16
+        } else {
+            candle_core::DType::F32
+        }
+    }
+}
+
+/// The files a diffusers repo needs, from its `model_index.json`, for every component it names
+/// (`tokenizer_2` and `text_encoder_2` too, for SDXL): only safetensors weights, one file per
+/// component, `variant`'s (or, without one, the smallest that fits `dtype`) tried first.
+pub fn needed_files(
+    model_index: &serde_json::Value,
+    variant: Option<&str>,
+    dtype: candle_core::DType,
+) -> Vec<Needed> {
+    let one = |name: String, required| Needed {
+        names: vec![name],
+        required,
+    };
+    let mut files = vec![one("model_index.json".to_string(), true)];
+    let weights = super::source::weight_files(variant, dtype);
     let Some(obj) = model_index.as_object() else {
         return files;
     };
@@ -25,27 +65,38 @@ pub fn needed_files(model_index: &serde_json::Value) -> Vec<(String, bool)> {
             Some(c) => c,
             None => continue,
         };
-        let per_component: &[(&str, bool)] = if class.ends_with("Tokenizer") {
-            &[
-                ("vocab.json", true),
-                ("merges.txt", true),
-                ("tokenizer_config.json", false),
-                ("special_tokens_map.json", false),
-            ]
+        let (per_component, stem): (&[(&str, bool)], Option<&str>) = if class.ends_with("Tokenizer")
+        {
+            (
+                &[
+                    ("vocab.json", true),
+                    ("merges.txt", true),
+                    ("tokenizer_config.json", false),
+                    ("special_tokens_map.json", false),
+                ],
+                None,
+            )
         } else if class.starts_with("CLIPTextModel") {
-            &[("config.json", true), ("model.safetensors", true)]
+            (&[("config.json", true)], Some("model."))
         } else if class.ends_with("Scheduler") {
-            &[("scheduler_config.json", true)]
+            (&[("scheduler_config.json", true)], None)
         } else if name == "unet" || name == "vae" {
-            &[
-                ("config.json", true),
-                ("diffusion_pytorch_model.safetensors", true),
-            ]
+            (&[("config.json", true)], Some("diffusion_pytorch_model."))
         } else {
             continue;
         };
         for (f, required) in per_component {
-            files.push((format!("{name}/{f}"), *required));
+            files.push(one(format!("{name}/{f}"), *required));
+        }
+        if let Some(stem) = stem {
+            files.push(Needed {
+                names: weights
+                    .iter()
+                    .filter(|w| w.starts_with(stem))
+                    .map(|w| format!("{name}/{w}"))
+                    .collect(),
+                required: true,
+            });
         }
     }
     files
@@ -99,12 +150,27 @@ pub fn offline_from_env() -> bool {
 
 /// Resolves a `--model` value into its id and files: an existing folder first, then a hub id.
 pub fn resolve(spec: &str) -> Result<(String, ModelSource)> {
-    resolve_with(spec, &CheckpointOptions::default())
+    resolve_with(spec, &ResolveOptions::default())
 }
 
 /// [`resolve`], with how to read a single-file checkpoint: a `.safetensors` file is one,
 /// served under its file stem.
-pub fn resolve_with(spec: &str, checkpoint: &CheckpointOptions) -> Result<(String, ModelSource)> {
+pub fn resolve_with(spec: &str, options: &ResolveOptions) -> Result<(String, ModelSource)> {
+    let (id, source) = resolve_source(spec, options)?;
+    Ok(match &options.variant {
+        Some(v) if !matches!(source, ModelSource::Checkpoint(_)) => (
+            id,
+            ModelSource::Variant {
+                variant: v.clone(),
+                inner: Box::new(source),
+            },
+        ),
+        _ => (id, source),
+    })
+}
+
+fn resolve_source(spec: &str, options: &ResolveOptions) -> Result<(String, ModelSource)> {
+    let checkpoint = &options.checkpoint;
     let path = Path::new(spec);
     if path.is_file() {
         if super::source::is_pickle(path) {
@@ -148,9 +214,9 @@ pub fn resolve_with(spec: &str, checkpoint: &CheckpointOptions) -> Result<(Strin
         ))
     })?;
     let dir = if offline_from_env() {
-        resolve_from_cache(&Cache::from_env(), &hub)?
+        resolve_from_cache_with(&Cache::from_env(), &hub, options)?
     } else {
-        download(&hub)?
+        download(&hub, options)?
     };
     Ok((
         spec.split('@').next().unwrap_or(spec).to_string(),
@@ -160,6 +226,15 @@ pub fn resolve_with(spec: &str, checkpoint: &CheckpointOptions) -> Result<(Strin
 
 /// Finds every needed file of `hub` in the local cache and returns the snapshot folder.
 pub fn resolve_from_cache(cache: &Cache, hub: &HubId) -> Result<PathBuf> {
+    resolve_from_cache_with(cache, hub, &ResolveOptions::default())
+}
+
+/// [`resolve_from_cache`] for a variant and dtype: any of a weight's names will do.
+pub fn resolve_from_cache_with(
+    cache: &Cache,
+    hub: &HubId,
+    options: &ResolveOptions,
+) -> Result<PathBuf> {
     let repo = Repo::with_revision(hub.repo.clone(), RepoType::Model, hub.revision.clone());
     let folder = cache.path().join(repo.folder_name());
     // A revision is either a ref (refs/<name> holds the commit) or a commit hash itself.
@@ -182,16 +257,16 @@ pub fn resolve_from_cache(cache: &Cache, hub: &HubId) -> Result<PathBuf> {
             path: snapshot.join("model_index.json").display().to_string(),
             source,
         })?;
-    for (file, required) in needed_files(&index) {
-        if required && !snapshot.join(&file).is_file() {
-            return Err(not_cached(&file));
+    for need in needed_files(&index, options.variant.as_deref(), options.dtype()) {
+        if need.required && !need.names.iter().any(|f| snapshot.join(f).is_file()) {
+            return Err(not_cached(&need.names.join(" or ")));
         }
     }
     Ok(snapshot)
 }
 
 /// Downloads (or finds in the cache) every needed file of `hub` and returns the snapshot folder.
-fn download(hub: &HubId) -> Result<PathBuf> {
+fn download(hub: &HubId, options: &ResolveOptions) -> Result<PathBuf> {
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(false)
         .build()
@@ -214,13 +289,24 @@ fn download(hub: &HubId) -> Result<PathBuf> {
         path: index_path.display().to_string(),
         source,
     })?;
-    for (file, required) in needed_files(&index) {
-        match repo.get(&file) {
-            Ok(_) => {}
-            Err(e) if required => {
-                return Err(ModelError::Hub(format!("{}: {file}: {e}", hub.repo)));
+    // One file per need: the first of its names the repo has (a weight's preferred variant
+    // first), so a repo's other variants and its pickles are never fetched.
+    for need in needed_files(&index, options.variant.as_deref(), options.dtype()) {
+        let mut last = None;
+        let found = need.names.iter().any(|file| match repo.get(file) {
+            Ok(_) => true,
+            Err(e) => {
+                last = Some(format!("{file}: {e}"));
+                false
             }
-            Err(_) => {}
+        });
+        if !found && need.required {
+            return Err(ModelError::Hub(format!(
+                "{}: none of {} ({})",
+                hub.repo,
+                need.names.join(", "),
+                last.unwrap_or_default()
+            )));
         }
     }
     index_path
@@ -247,11 +333,11 @@ mod tests {
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]
         });
-        let files = needed_files(&index);
+        let files = needed_files(&index, None, candle_core::DType::F32);
         let required: Vec<&str> = files
             .iter()
-            .filter(|(_, r)| *r)
-            .map(|(f, _)| f.as_str())
+            .filter(|n| n.required)
+            .map(|n| n.names[0].as_str())
             .collect();
         for f in [
             "model_index.json",
@@ -265,7 +351,30 @@ mod tests {
         }
         assert!(!files
             .iter()
-            .any(|(f, _)| f.starts_with("feature_extractor")));
+            .any(|n| n.names[0].starts_with("feature_extractor")));
+        // Only safetensors, never a pickle; half precision fetches the fp16 files first.
+        assert!(files
+            .iter()
+            .flat_map(|n| &n.names)
+            .all(|f| f.ends_with(".json") || f.ends_with(".txt") || f.ends_with(".safetensors")));
+        let half = needed_files(&index, None, candle_core::DType::F16);
+        let unet = half
+            .iter()
+            .find(|n| n.names[0].starts_with("unet/diffusion"))
+            .unwrap();
+        assert_eq!(
+            unet.names,
+            [
+                "unet/diffusion_pytorch_model.fp16.safetensors",
+                "unet/diffusion_pytorch_model.safetensors"
+            ]
+        );
+        let te = needed_files(&index, Some("fp16"), candle_core::DType::F32);
+        assert!(te.iter().any(|n| n.names
+            == [
+                "text_encoder_2/model.fp16.safetensors",
+                "text_encoder_2/model.safetensors"
+            ]));
     }
 
     #[test]

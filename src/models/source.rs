@@ -9,13 +9,37 @@ use serde::de::DeserializeOwned;
 
 use super::{ModelError, Result};
 
-/// Weight file names tried, in order, inside a component folder (diffusers then transformers names).
+/// Weight file stems inside a component folder (diffusers', then transformers').
+const WEIGHT_STEMS: &[&str] = &["diffusion_pytorch_model", "model"];
+
+/// Every weight file name a component folder may hold (plain and `fp16` variant).
 const WEIGHT_FILES: &[&str] = &[
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
     "model.fp16.safetensors",
 ];
+
+/// The weight file names of a component folder in the order to try them: an explicit
+/// `variant`'s files first; otherwise the smallest that fits `dtype` (f16/bf16 compute: the
+/// `fp16` files; f32: the full-precision ones), then the others.
+pub fn weight_files(variant: Option<&str>, dtype: DType) -> Vec<String> {
+    let plain = WEIGHT_STEMS.iter().map(|s| format!("{s}.safetensors"));
+    let of = |v: &str| -> Vec<String> {
+        WEIGHT_STEMS
+            .iter()
+            .map(|s| format!("{s}.{v}.safetensors"))
+            .collect()
+    };
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let mut out: Vec<String> = match variant {
+        Some(v) => of(v).into_iter().chain(plain).collect(),
+        None if half => of("fp16").into_iter().chain(plain).collect(),
+        None => plain.chain(of("fp16")).collect(),
+    };
+    out.dedup();
+    out
+}
 
 /// Pickled weight files: refused by name, never opened (unpickling runs code).
 pub const PICKLE_EXTENSIONS: &[&str] = &["ckpt", "bin", "pt", "pth", "pkl", "pickle"];
@@ -42,6 +66,14 @@ pub enum ModelSource {
     },
     /// A single-file checkpoint in the original layout, with its configs and tokenizers.
     Checkpoint(std::sync::Arc<super::checkpoint::Checkpoint>),
+    /// Another source whose weights are read from a variant's files (`--variant fp16`:
+    /// `unet/diffusion_pytorch_model.fp16.safetensors`), falling back to the plain files.
+    Variant {
+        /// The variant, e.g. `fp16`.
+        variant: String,
+        /// The source.
+        inner: Box<ModelSource>,
+    },
     /// Files compiled into the binary: `(relative path, bytes)`.
     Embedded {
         /// A name for messages.
@@ -59,6 +91,7 @@ impl ModelSource {
             ModelSource::Embedded { name, .. } => format!("embedded:{name}"),
             ModelSource::Synthetic { name, .. } => format!("synthetic:{name}"),
             ModelSource::Checkpoint(c) => c.path().display().to_string(),
+            ModelSource::Variant { variant, inner } => format!("{} ({variant})", inner.describe()),
         }
     }
 
@@ -70,6 +103,7 @@ impl ModelSource {
             ModelSource::Synthetic { files, .. } => {
                 files.iter().any(|(n, _)| n == rel) || is_weight_file(rel)
             }
+            ModelSource::Variant { inner, .. } => inner.exists(rel),
             ModelSource::Checkpoint(c) => {
                 c.file(rel).is_some()
                     || rel
@@ -134,6 +168,7 @@ impl ModelSource {
                 .file(rel)
                 .map(|b| Cow::Owned(b.to_vec()))
                 .ok_or_else(|| self.missing(rel)),
+            ModelSource::Variant { inner, .. } => inner.read(rel),
         }
     }
 
@@ -162,11 +197,30 @@ impl ModelSource {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
-        let rel = WEIGHT_FILES
+        self.var_builder_preferring(component, dtype, device, None)
+    }
+
+    fn var_builder_preferring(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+        variant: Option<&str>,
+    ) -> Result<VarBuilder<'static>> {
+        if let ModelSource::Variant { variant, inner } = self {
+            return inner.var_builder_preferring(component, dtype, device, Some(variant));
+        }
+        let candidates = weight_files(variant, dtype);
+        let rel = candidates
             .iter()
             .map(|f| format!("{component}/{f}"))
             .find(|rel| self.exists(rel))
             .ok_or_else(|| self.no_weights(component))?;
+        if let Some(v) = variant {
+            if !rel.contains(&format!(".{v}.")) {
+                tracing::warn!(source = %self.describe(), component, variant = v, file = %rel, "no variant weights for this component: loading the plain file");
+            }
+        }
         match self {
             ModelSource::Dir(p) => {
                 let path: PathBuf = p.join(&rel);
@@ -192,6 +246,7 @@ impl ModelSource {
                 device.clone(),
             )),
             ModelSource::Checkpoint(c) => c.var_builder(component, dtype, device),
+            ModelSource::Variant { .. } => unreachable!("handled above"),
         }
     }
 
@@ -199,6 +254,7 @@ impl ModelSource {
     pub fn dir(&self) -> Option<&Path> {
         match self {
             ModelSource::Dir(p) => Some(p),
+            ModelSource::Variant { inner, .. } => inner.dir(),
             ModelSource::Embedded { .. }
             | ModelSource::Synthetic { .. }
             | ModelSource::Checkpoint(_) => None,

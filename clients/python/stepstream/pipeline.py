@@ -33,11 +33,28 @@ _UNSUPPORTED = (
     "sigmas",
     "ip_adapter_image",
     "ip_adapter_image_embeds",
-    "cross_attention_kwargs",
     "clip_skip",
     "callback",
     "callback_steps",
 )
+
+
+def _adapter_weights(adapter_names, adapter_weights) -> Dict[str, float]:
+    """diffusers' ``set_adapters`` arguments as ``{name: weight}``: one name or a list; weights
+    None (1.0 each), one number for all, or one per name."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if adapter_weights is None:
+        weights = [1.0] * len(names)
+    elif isinstance(adapter_weights, (int, float)):
+        weights = [float(adapter_weights)] * len(names)
+    else:
+        weights = [float(w) for w in adapter_weights]
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+    for n, w in zip(names, weights):
+        if isinstance(w, dict):
+            raise ValueError(f"per-block weights for `{n}` are not supported remotely; give one number")
+    return dict(zip(names, weights))
 
 
 class Generator:
@@ -130,6 +147,7 @@ class StepSession(CallState):
     (the :class:`~stepstream.errors.ReplyRejectedError` of the previous try at this step, when
     ``reply_retries`` let the callback run again), ``pipeline`` (the :class:`RemotePipeline`).
     Settable: ``_guidance_scale`` (and ``guidance_scale``), ``_interrupt`` (and ``interrupt``).
+    ``set_adapters(names, weights)`` rescales the call's LoRAs from the next step on.
     Anything else (``pipe.unet``, ``pipe.scheduler``) lives on the server and is not reachable."""
 
     def __init__(self, pipeline: "RemotePipeline", accepted: pb.Accepted):
@@ -148,6 +166,27 @@ class StepSession(CallState):
         self.rejected: Optional[errors.ReplyRejectedError] = None
         self._tries = 0
         self._last_step: Optional[pb.StepEnd] = None
+        # The call's LoRAs and their scales now; `set_adapters` in a callback changes them
+        # from the next step on (sent as StepReply.lora_scales).
+        self._loras: Dict[str, float] = {}
+        self._lora_changes: Dict[str, float] = {}
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' ``pipe.set_adapters`` in a callback: new scales for this call's LoRAs,
+        from the next step on. A LoRA the call did not start with cannot join it."""
+        for name, w in _adapter_weights(adapter_names, adapter_weights).items():
+            if name not in self._loras:
+                raise ValueError(
+                    f"LoRA `{name}` is not applied by this call (it applies: "
+                    f"{', '.join(self._loras) or 'none'}); set it before the call, with weight 0 to start it off"
+                )
+            if w != self._loras[name]:
+                self._lora_changes[name] = w
+            self._loras[name] = w
+
+    def get_active_adapters(self) -> List[str]:
+        """diffusers' ``pipe.get_active_adapters``: this call's LoRAs."""
+        return list(self._loras)
 
     def _begin_step(self, step: pb.StepEnd) -> None:
         self.step_index = step.step_index
@@ -156,6 +195,7 @@ class StepSession(CallState):
         self._step_guidance = self._guidance_scale
         self._cfg = step.do_classifier_free_guidance
         self._interrupt = False
+        self._lora_changes = {}
 
     def __getattr__(self, name: str):
         raise AttributeError(
@@ -389,6 +429,62 @@ class RemotePipeline:
         # The state the last finished call left; replaced whole (one assignment), never edited
         # by a running call, so readers on other threads need no lock.
         self._last: Optional[CallState] = None
+        # The LoRAs calls apply ({name: weight}, diffusers' set_adapters), and whether they are on.
+        self._adapters: Dict[str, float] = {}
+        self._lora_enabled = True
+
+    # ----- LoRAs (loaded by the server: ``stepstream serve --lora NAME=PATH``) ---------------
+
+    def load_lora_weights(self, *args, **kwargs):
+        """Not remote: the server loads LoRAs at start (``stepstream serve --lora NAME=PATH``);
+        ``list_models()`` lists them, and ``set_adapters`` applies them."""
+        raise NotImplementedError(
+            "LoRAs are loaded by the server: start it with `stepstream serve --lora NAME=PATH`, "
+            "then call pipe.set_adapters([NAME], [weight])"
+        )
+
+    def get_list_adapters(self) -> Dict[str, List[str]]:
+        """diffusers' ``get_list_adapters``: the LoRAs the server serves for this model, by the
+        networks they adapt."""
+        out: Dict[str, List[str]] = {}
+        for lora in self.model_info.loras:
+            for comp in sorted({m.split(".", 1)[0] for m in lora.modules}):
+                out.setdefault(comp, []).append(lora.name)
+        return out
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' ``pipe.set_adapters``. Outside a call: the LoRAs (and weights) later calls
+        apply; the names must be ones the server serves for this model. Inside a callback: new
+        weights for this call's LoRAs from the next step on (the server applies them unmerged,
+        so a change costs nothing)."""
+        calls = getattr(self._local, "calls", None)
+        if calls and isinstance(calls[-1].state, StepSession):
+            calls[-1].state.set_adapters(adapter_names, adapter_weights)
+            return
+        weights = _adapter_weights(adapter_names, adapter_weights)
+        served = [l.name for l in self.model_info.loras]
+        for name in weights:
+            if name not in served:
+                raise ValueError(
+                    f"model `{self.model_info.id}` serves no LoRA `{name}` (it serves: "
+                    f"{', '.join(served) or 'none; start the server with --lora NAME=PATH'})"
+                )
+        self._adapters = weights
+
+    def get_active_adapters(self) -> List[str]:
+        """diffusers' ``get_active_adapters``: this thread's call's LoRAs, else those set."""
+        calls = getattr(self._local, "calls", None)
+        if calls and isinstance(calls[-1].state, StepSession):
+            return calls[-1].state.get_active_adapters()
+        return list(self._adapters) if self._lora_enabled else []
+
+    def disable_lora(self) -> None:
+        """diffusers' ``disable_lora``: later calls apply no LoRA (``enable_lora`` restores them)."""
+        self._lora_enabled = False
+
+    def enable_lora(self) -> None:
+        """diffusers' ``enable_lora``."""
+        self._lora_enabled = True
 
     # ----- diffusers-style conveniences -------------------------------------------------
 
@@ -514,7 +610,9 @@ class RemotePipeline:
         guidance_rescale: Optional[float] = None,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
         *,
+        lora_schedules: Optional[Dict[str, Sequence[float]]] = None,
         seed: Optional[int] = None,
         scheduler=None,
         callback_on_step_end_steps: Union[Iterable[int], Callable[[int], Iterable[int]], None] = None,
@@ -551,6 +649,11 @@ class RemotePipeline:
         ``tensor_format``: overrides the pipeline's for this call.
         ``timeout``: seconds for the whole call (gRPC deadline), retries of a refused start
         (see the pipeline's ``retry``) included.
+        ``lora_schedules``: ``{name: [one weight per step]}`` for LoRAs set with ``set_adapters``:
+        the server changes their UNet weight at every step, with no round trip.
+
+        LoRAs: those set with ``set_adapters`` apply, times ``cross_attention_kwargs["scale"]``
+        (diffusers' LoRA scale; no other key is supported remotely).
         """
         for name in _UNSUPPORTED:
             if kwargs.pop(name, None) is not None:
@@ -590,6 +693,7 @@ class RemotePipeline:
         for name, t in (("latents", latents), ("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if t is not None:
                 getattr(req, name).CopyFrom(tensors.encode(t))
+        self._add_loras(req, cross_attention_kwargs, lora_schedules)
         req.output.format = pb.IMAGE_FORMAT_NONE if output_type == "latent" else pb.IMAGE_FORMAT_PNG
         req.output.return_latents = bool(return_latents)
 
@@ -635,6 +739,22 @@ class RemotePipeline:
             self._finish_call(call, req)
 
     # ----- helpers ---------------------------------------------------------------------------
+
+    def _add_loras(self, req: pb.GenerateRequest, cross_attention_kwargs, lora_schedules) -> None:
+        """The request's LoRAs: those set, scaled by ``cross_attention_kwargs["scale"]``."""
+        extra = set(cross_attention_kwargs or {}) - {"scale"}
+        if extra:
+            raise TypeError(f"cross_attention_kwargs {sorted(extra)} are not supported by the remote pipeline")
+        scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
+        active = self._adapters if self._lora_enabled else {}
+        schedules = dict(lora_schedules or {})
+        for name in schedules:
+            if name not in active:
+                raise ValueError(f"lora_schedules names `{name}`, which set_adapters did not set")
+        for name, weight in active.items():
+            lora = req.loras.add(name=name, scale=weight * scale)
+            if name in schedules:
+                lora.schedule.extend(float(w) * scale for w in schedules[name])
 
     def _progress_bar_wanted(self) -> bool:
         if self._progress.get("disable"):
@@ -801,6 +921,7 @@ class _Run:
                     if predicted is not None and len(acc.timesteps) != predicted:
                         raise _Resubscribe(len(acc.timesteps), acc.seed)
                     session = StepSession(self.pipe, acc)
+                    session._loras = {l.name: l.scale for l in req.loras}
                     self.call.state = session  # what the pipeline object shows on this thread
                     bar = self._bar(len(acc.timesteps))
                 elif kind == "step_end":
@@ -895,6 +1016,9 @@ class _Run:
         if session._interrupt:
             reply.interrupt = True
             changed.append("interrupt")
+        for name, weight in session._lora_changes.items():
+            reply.lora_scales[name] = float(weight)
+            changed.append(f"lora {name}")
         if not step.reply_required and changed:
             raise errors.StepstreamError(
                 f"observe-only run, but the callback changed {', '.join(changed)} at step "

@@ -3,7 +3,8 @@
 The server is `$STEPSTREAM_TARGET` when set (the Rust test `tests/python_client.rs` starts one and
 sets it); otherwise `$STEPSTREAM_BIN` (default: the release build under target/) is started here.
 Either way it serves both fixture models, the tiny SD 1.5 one (`tiny-sd15`, the default) and the
-tiny SDXL one (`tiny-sdxl`); tests pick one with `RemotePipeline(target, model=...)`.
+tiny SDXL one (`tiny-sdxl`); tests pick one with `RemotePipeline(target, model=...)`. The tiny
+SD 1.5 model has the LoRA fixtures `a` (diffusers format) and `b` (kohya format).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def target():
         pytest.fail(f"no server: set STEPSTREAM_TARGET, or build {binary} (cargo build --release)")
     proc = subprocess.Popen(
         [binary, "serve", "--addr", "127.0.0.1:0",
-         "--model", str(FIXTURES / "models" / SD15), "--model", str(FIXTURES / "models" / SDXL)],
+         "--model", str(FIXTURES / "models" / SD15), "--model", str(FIXTURES / "models" / SDXL),
+         "--lora", f"a={FIXTURES / 'loras' / 'a.safetensors'}",
+         "--lora", f"b={FIXTURES / 'loras' / 'b-kohya.safetensors'}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
