@@ -53,7 +53,11 @@ struct Recording {
 }
 
 fn recording(name: &str) -> Recording {
-    let dir = common::fixtures().join("cases").join("tiny-sd15-lora");
+    recording_of("tiny-sd15-lora", name)
+}
+
+fn recording_of(folder: &str, name: &str) -> Recording {
+    let dir = common::fixtures().join("cases").join(folder);
     let t = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
         .unwrap();
     Recording {
@@ -451,4 +455,38 @@ fn a_lora_that_does_not_fit_the_model_is_refused_at_load_naming_the_module() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("already has a LoRA of this name"), "{err}");
+}
+
+/// SDXL: a kohya file as SDXL trainers write it (UNet modules in the original layout's names,
+/// `lora_te1_`/`lora_te2_` for both encoders), rescaled mid-run, gives diffusers' numbers.
+#[tokio::test]
+async fn an_sdxl_kohya_lora_with_original_layout_names_matches_diffusers() {
+    let server = common::server::start(common::server::Options {
+        models: vec![(
+            "tiny-sdxl".into(),
+            ModelSource::Dir(common::model_dir("tiny-sdxl")),
+        )],
+        loras: vec![("tiny-sdxl".into(), lora("x", "xl-kohya.safetensors"))],
+        ..Default::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    let rec = recording_of("tiny-sdxl-lora", "xl-mid-run");
+    let mut req = request(&rec.init, vec![use_lora("x", 0.7)]);
+    req.model = "tiny-sdxl".into();
+    req.scheduler = "euler".into();
+    let got = run(&mut client, req, set_scale_after(4, "x", 0.2)).await;
+    assert_matches("sdxl", &got, &rec);
+    let list = client
+        .list_models(proto::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let modules = &list.models[0].loras[0].modules;
+    for net in ["unet.", "text_encoder.", "text_encoder_2."] {
+        assert!(
+            modules.iter().any(|m| m.starts_with(net)),
+            "{net} in {modules:?}"
+        );
+    }
 }

@@ -303,6 +303,22 @@ impl StableDiffusionModel {
         Ok(self.loras.last().expect("just pushed"))
     }
 
+    /// Every layer a LoRA may adapt: `(network, module, in, out)`, in diffusers naming.
+    pub fn adaptable_layers(&self) -> Vec<(Target, String, usize, usize)> {
+        let mut out = Vec::new();
+        for target in [Target::Unet, Target::TextEncoder, Target::TextEncoder2] {
+            if let Some(slots) = self.lora_slots.get(&target) {
+                out.extend(
+                    slots
+                        .all()
+                        .iter()
+                        .map(|s| (target, s.module.clone(), s.in_dim, s.out_dim)),
+                );
+            }
+        }
+        out
+    }
+
     /// The adapter index of a LoRA name.
     pub fn lora_index(&self, name: &str) -> Option<usize> {
         self.loras.iter().position(|l| l.name == name)

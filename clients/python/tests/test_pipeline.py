@@ -295,8 +295,11 @@ def test_status_errors_are_typed(target, case):
         pipe("x", num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: kw,
              callback_on_step_end_tensor_inputs=["add_time_ids"])
     assert e.value.field == "start.callback.tensor_inputs"
+    # Only the LoRA scale of cross_attention_kwargs has a remote meaning.
     with pytest.raises(TypeError, match="cross_attention_kwargs"):
-        pipe("x", cross_attention_kwargs={"scale": 0.5})
+        pipe("x", cross_attention_kwargs={"attention_mask": 1})
+    with pytest.raises(TypeError, match="ip_adapter_image"):
+        pipe("x", ip_adapter_image=object())
 
 
 def test_list_models_and_seeds(pipe):

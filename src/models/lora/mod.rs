@@ -417,19 +417,28 @@ pub(crate) fn flat(module: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Slots {
     by_name: HashMap<String, Arc<LoraSlot>>,
+    all: Vec<Arc<LoraSlot>>,
 }
 
 impl Slots {
     /// Indexes `slots` under their flattened names and `alias(name)` for each.
     pub(crate) fn new(slots: Vec<Arc<LoraSlot>>, alias: impl Fn(&str) -> Option<String>) -> Self {
         let mut by_name = HashMap::new();
-        for s in slots {
+        for s in &slots {
             if let Some(a) = alias(&s.module) {
                 by_name.insert(flat(&a), s.clone());
             }
-            by_name.insert(flat(&s.module), s);
+            by_name.insert(flat(&s.module), s.clone());
         }
-        Self { by_name }
+        Self {
+            by_name,
+            all: slots,
+        }
+    }
+
+    /// Every adaptable layer, in construction order.
+    pub fn all(&self) -> &[Arc<LoraSlot>] {
+        &self.all
     }
 
     /// The slot a file's module name means.
@@ -439,12 +448,12 @@ impl Slots {
 
     /// How many adaptable layers there are.
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.all.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.all.is_empty()
     }
 }
 
