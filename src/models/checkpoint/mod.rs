@@ -1,13 +1,14 @@
 //! Single-file checkpoints in the original Stable Diffusion layout (LDM, as A1111, ComfyUI and
 //! model sites publish them), served as if they were diffusers folders.
 //!
-//! The file is memory-mapped once. Each component's weights are read through a [`VarBuilder`]
-//! backend that turns the diffusers name a model asks for into the checkpoint's key
-//! ([`keys`]), so the networks are the same code as for folders and give the same numbers.
+//! The header is read once; each tensor is then read by position ([`file`]), through a
+//! [`VarBuilder`] backend that turns the diffusers name a model asks for into the checkpoint's
+//! key ([`keys`]), so the networks are the same code as for folders and give the same numbers.
 //! The configs come from `--model-config DIR` (a diffusers folder of the same architecture) or
 //! are inferred from the keys and shapes ([`infer`]); the tokenizers from that folder or from
 //! the CLIP tokenizer files compiled into the binary.
 
+mod file;
 mod infer;
 mod keys;
 
@@ -15,7 +16,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -75,7 +75,7 @@ impl Component {
 pub struct Checkpoint {
     path: PathBuf,
     family: Family,
-    tensors: MmapedSafetensors,
+    tensors: file::TensorFile,
     /// Every key with its shape, for lookups and inference without touching tensor data.
     shapes: BTreeMap<String, Vec<usize>>,
     /// `(relative path, bytes)`: `model_index.json`, the component configs, the tokenizers.
@@ -102,18 +102,11 @@ impl Checkpoint {
     /// Opens `path` (a `.safetensors` file in the original layout), recognises its family and
     /// gathers or infers its configs.
     pub fn open(path: &Path, options: &CheckpointOptions) -> Result<Checkpoint> {
-        // SAFETY: the file is memory-mapped read-only; the server never writes model files and
-        // treats changing them while serving as unsupported (documented in the README).
-        let tensors =
-            unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::NotAModel {
-                path: path.display().to_string(),
-                reason: format!("not a readable safetensors file ({e})"),
-            })?;
-        let shapes: BTreeMap<String, Vec<usize>> = tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, view.shape().to_vec()))
-            .collect();
+        let tensors = file::TensorFile::open(path).map_err(|e| ModelError::NotAModel {
+            path: path.display().to_string(),
+            reason: format!("not a readable safetensors file ({e})"),
+        })?;
+        let shapes = tensors.shapes();
         let family = detect(path, &shapes)?;
         let (files, config_origin) = match &options.config_dir {
             Some(dir) => (
@@ -273,7 +266,7 @@ impl Checkpoint {
                 component_name(component)
             );
         }
-        let t = self.tensors.load(&key, &Device::Cpu)?;
+        let t = self.tensors.load(&key)?;
         let t = match take {
             Take::Whole => t,
             Take::Third(i) => {
