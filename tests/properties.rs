@@ -486,6 +486,14 @@ fn sd_card() -> proto::ModelInfo {
         default_scheduler: "ddim".into(),
         schedulers: vec!["ddim".into(), "euler".into()],
         callback_tensor_inputs: SD_INPUTS.map(String::from).to_vec(),
+        loras: ["a", "b"]
+            .map(|n| proto::LoraInfo {
+                name: n.into(),
+                format: "kohya".into(),
+                rank: 4,
+                modules: vec![],
+            })
+            .to_vec(),
         ..Default::default()
     }
 }
@@ -548,6 +556,41 @@ const REQUEST_FIELDS: &[&str] = &[
     "start.callback.on_timeout",
     "start.callback.wire_dtype",
 ];
+
+/// Whether `field` is one a request's LoRAs are refused by: `start.loras[i].name`, `.scale`,
+/// `.schedule` or `.schedule[k]`.
+fn is_lora_field(field: &str) -> bool {
+    let Some(rest) = field.strip_prefix("start.loras[") else {
+        return false;
+    };
+    let Some((i, rest)) = rest.split_once("].") else {
+        return false;
+    };
+    let index = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    index(i)
+        && (matches!(rest, "name" | "scale" | "schedule")
+            || rest
+                .strip_prefix("schedule[")
+                .and_then(|k| k.strip_suffix(']'))
+                .is_some_and(index))
+}
+
+/// A LoRA request: a served name most of the time, scales edgy now and then.
+fn any_lora() -> impl Strategy<Value = proto::LoraRequest> {
+    (
+        prop::sample::select(vec!["a", "b", "a", "c", ""]).prop_map(String::from),
+        prop::option::of(mostly(-2.0f32..2.0, edgy_f32())),
+        prop::option::weighted(
+            0.3,
+            prop::collection::vec(mostly(0.0f32..1.0, edgy_f32()), 0..12),
+        ),
+    )
+        .prop_map(|(name, scale, schedule)| proto::LoraRequest {
+            name,
+            scale,
+            schedule: schedule.unwrap_or_default(),
+        })
+}
 
 /// u32s around every limit (both the default and the tight ones), and any u32.
 fn edgy_u32() -> impl Strategy<Value = u32> {
@@ -671,11 +714,13 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
         prop::option::weighted(0.5, any_callback()),
         prop::option::weighted(0.4, (any_enum_value(2), any::<bool>())),
     );
-    (text, numbers, parts).prop_map(
+    let loras = prop::collection::vec(any_lora(), 0..3);
+    (text, numbers, parts, loras).prop_map(
         |(
             (model, prompt, negative_prompt, scheduler),
             (steps, guidance_scale, width, height, seed, images, eta, guidance_rescale),
             (latents, prompt_embeds, negative_prompt_embeds, callback, output),
+            loras,
         )| proto::GenerateRequest {
             model,
             prompt,
@@ -697,7 +742,7 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
             }),
             eta,
             guidance_rescale,
-            loras: Vec::new(),
+            loras,
         },
     )
 }
@@ -753,6 +798,29 @@ fn check_accepted(
         "steps outside 1..=max_steps",
     );
     expect(p.guidance_scale.is_finite(), "guidance not finite");
+    // LoRAs: served names, each once, bounded scales, one schedule value per step.
+    let mut seen = Vec::new();
+    for l in &p.loras {
+        expect(
+            l.adapter < card.loras.len(),
+            "a LoRA the model does not serve",
+        );
+        expect(!seen.contains(&l.adapter), "a LoRA listed twice");
+        seen.push(l.adapter);
+        let ok = |s: f64| s.is_finite() && s.abs() <= 100.0;
+        expect(ok(l.scale), "a LoRA scale out of bounds");
+        if let Some(sched) = &l.schedule {
+            expect(
+                sched.len() == p.num_inference_steps,
+                "a schedule of the wrong length",
+            );
+            expect(
+                sched.iter().all(|&s| ok(s)),
+                "a schedule value out of bounds",
+            );
+        }
+    }
+    expect(p.loras.len() == req.loras.len(), "a LoRA dropped");
     expect(
         (0.0..=1.0).contains(&p.guidance_rescale),
         "guidance_rescale outside [0, 1]",
@@ -824,7 +892,10 @@ proptest! {
                 }
             }
             Err(EngineError::InvalidRequest { field, reason }) => {
-                prop_assert!(REQUEST_FIELDS.contains(&field.as_str()), "unexpected field `{}`", field);
+                prop_assert!(
+                    REQUEST_FIELDS.contains(&field.as_str()) || is_lora_field(&field),
+                    "unexpected field `{}`", field
+                );
                 prop_assert!(!reason.is_empty(), "`{}` refused without a reason", field);
             }
             Err(other) => prop_assert!(false, "not an InvalidRequest: {:?}", other),
