@@ -197,15 +197,7 @@ async fn an_sd2_checkpoint_gives_diffusers_numbers_for_its_folder() {
             "tiny-sd2 step {k}: {d:.2e} from diffusers'"
         );
     }
-    let ours = image::load_from_memory(&got.png).unwrap().to_rgb8();
-    let theirs = image::open(case_dir.join("ddim-10.png")).unwrap().to_rgb8();
-    let worst = ours
-        .as_raw()
-        .iter()
-        .zip(theirs.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::png_max_diff(&got.png, &case_dir.join("ddim-10.png"));
     assert!(worst <= 1, "PNG differs by {worst} of 255");
 }
 

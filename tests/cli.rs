@@ -50,6 +50,66 @@ fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
     assert!(err.contains("model_index.json"), "{err}");
 }
 
+/// The README's "downloaded checkpoint with two LoRAs", on the fixtures: a single-file model
+/// with two LoRAs, then `generate --lora` with a scale and with a per-step schedule.
+#[test]
+fn serve_a_checkpoint_with_two_loras_then_generate_with_them() {
+    let fixture = |p: &str| format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"));
+    let server = spawn_serve([
+        "--model".to_string(),
+        fixture("checkpoints/tiny-sd15.safetensors"),
+        "--model-config".into(),
+        fixture("models/tiny-sd15"),
+        "--lora".into(),
+        format!("detail={}", fixture("loras/a.safetensors")),
+        "--lora".into(),
+        format!("style={}", fixture("loras/b-kohya.safetensors")),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |loras: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepstream"));
+        cmd.args(["generate", "--addr", &server.addr])
+            .args([
+                "--prompt",
+                "a lighthouse at dusk",
+                "--steps",
+                "4",
+                "--seed",
+                "1",
+            ])
+            .arg("--out")
+            .arg(dir.path().join("out.png"));
+        for l in loras {
+            cmd.args(["--lora", l]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = generate(&["detail=0.8", "style=1:1:0.5:0.2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(image::open(dir.path().join("out.png")).is_ok());
+    // A name the server does not serve, and a schedule of the wrong length, are refused by field.
+    for (bad, says) in [
+        ("nope", "start.loras[0].name"),
+        ("style=1:1", "start.loras[0].schedule"),
+    ] {
+        let out = generate(&[bad]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    // A bad --lora at start: the server does not start, and says why.
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--lora", "no-equals-sign"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[MODEL:]NAME=PATH"));
+}
+
 #[test]
 fn serve_takes_a_kernel_mode_and_refuses_an_unknown_one() {
     let server = spawn_serve(["--kernels", "reference"]);

@@ -151,15 +151,7 @@ fn assert_matches(what: &str, got: &Run, rec: &Recording) {
             "{what}: step {k} is {d:.2e} from diffusers'"
         );
     }
-    let ours = image::load_from_memory(&got.png).unwrap().to_rgb8();
-    let theirs = image::open(&rec.png).unwrap().to_rgb8();
-    let worst = ours
-        .as_raw()
-        .iter()
-        .zip(theirs.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::png_max_diff(&got.png, &rec.png);
     assert!(worst <= 1, "{what}: PNG differs by {worst} of 255");
 }
 

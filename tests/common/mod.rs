@@ -126,6 +126,19 @@ pub mod server;
 pub mod session;
 pub mod venv;
 
+/// The largest difference, in 1/255 steps, between a PNG's RGB values and a reference PNG file's.
+pub fn png_max_diff(png: &[u8], reference: &std::path::Path) -> u8 {
+    let ours = image::load_from_memory(png).expect("a PNG").to_rgb8();
+    let theirs = image::open(reference).expect("the reference PNG").to_rgb8();
+    assert_eq!(ours.dimensions(), theirs.dimensions(), "image sizes");
+    ours.as_raw()
+        .iter()
+        .zip(theirs.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
 /// A candle tensor as a wire tensor (f32).
 pub fn wire(t: &Tensor) -> stepstream::proto::Tensor {
     stepstream::tensor::encode(t, stepstream::proto::DType::DtypeF32).unwrap()
