@@ -203,6 +203,7 @@ fn run_with_replayed_noise(case_name: &str, scheduler: &str) {
         eta: 0.0,
         decode: false,
         loras: Vec::new(),
+        guidance_plan: Default::default(),
     };
     let noise: Vec<Tensor> = (0..case.num_steps())
         .flat_map(|k| {

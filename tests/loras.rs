@@ -320,7 +320,7 @@ async fn requests_and_replies_that_name_loras_wrongly_are_refused_by_field() {
                 scale: None,
                 schedule: vec![1.0; 3],
             }],
-            "3 values for 10 steps",
+            "3 values for 10 timesteps",
         ),
     ];
     for (loras, says) in cases {

@@ -41,6 +41,7 @@ fn params(case: &Case) -> GenerateParams {
         eta: 0.0,
         decode: false,
         loras: Vec::new(),
+        guidance_plan: Default::default(),
     }
 }
 

@@ -592,6 +592,22 @@ fn any_lora() -> impl Strategy<Value = proto::LoraRequest> {
         })
 }
 
+/// A server-side guidance plan, sometimes out of bounds.
+fn any_guidance_plan() -> impl Strategy<Value = proto::GuidancePlan> {
+    use proto::guidance_plan::CfgCutoff;
+    (
+        prop::option::of(prop_oneof![
+            mostly(0.0f32..=1.0, edgy_f32()).prop_map(CfgCutoff::CutoffStepRatio),
+            mostly(0..12u32, edgy_u32()).prop_map(CfgCutoff::CutoffStepIndex),
+        ]),
+        prop::collection::vec(mostly(0.0f32..10.0, edgy_f32()), 0..12),
+    )
+        .prop_map(|(cfg_cutoff, schedule)| proto::GuidancePlan {
+            cfg_cutoff,
+            schedule,
+        })
+}
+
 /// u32s around every limit (both the default and the tight ones), and any u32.
 fn edgy_u32() -> impl Strategy<Value = u32> {
     prop_oneof![
@@ -714,13 +730,16 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
         prop::option::weighted(0.5, any_callback()),
         prop::option::weighted(0.4, (any_enum_value(2), any::<bool>())),
     );
-    let loras = prop::collection::vec(any_lora(), 0..3);
+    let loras = (
+        prop::collection::vec(any_lora(), 0..3),
+        prop::option::weighted(0.3, any_guidance_plan()),
+    );
     (text, numbers, parts, loras).prop_map(
         |(
             (model, prompt, negative_prompt, scheduler),
             (steps, guidance_scale, width, height, seed, images, eta, guidance_rescale),
             (latents, prompt_embeds, negative_prompt_embeds, callback, output),
-            loras,
+            (loras, guidance_plan),
         )| proto::GenerateRequest {
             model,
             prompt,
@@ -743,6 +762,7 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
             eta,
             guidance_rescale,
             loras,
+            guidance_plan,
         },
     )
 }
@@ -810,10 +830,7 @@ fn check_accepted(
         let ok = |s: f64| s.is_finite() && s.abs() <= 100.0;
         expect(ok(l.scale), "a LoRA scale out of bounds");
         if let Some(sched) = &l.schedule {
-            expect(
-                sched.len() == p.num_inference_steps,
-                "a schedule of the wrong length",
-            );
+            // (Its length is checked against the timestep count once the scheduler is known.)
             expect(
                 sched.iter().all(|&s| ok(s)),
                 "a schedule value out of bounds",
@@ -821,6 +838,16 @@ fn check_accepted(
         }
     }
     expect(p.loras.len() == req.loras.len(), "a LoRA dropped");
+    // The guidance plan: a cutoff ratio in [0, 1], finite guidance values.
+    if let Some(stepstream::pipeline::sd::Cutoff::Ratio(r)) = p.guidance_plan.cfg_cutoff {
+        expect((0.0..=1.0).contains(&r), "a cutoff ratio outside [0, 1]");
+    }
+    if let Some(s) = &p.guidance_plan.schedule {
+        expect(
+            s.iter().all(|g| g.is_finite()),
+            "a guidance value not finite",
+        );
+    }
     expect(
         (0.0..=1.0).contains(&p.guidance_rescale),
         "guidance_rescale outside [0, 1]",
@@ -893,7 +920,10 @@ proptest! {
             }
             Err(EngineError::InvalidRequest { field, reason }) => {
                 prop_assert!(
-                    REQUEST_FIELDS.contains(&field.as_str()) || is_lora_field(&field),
+                    REQUEST_FIELDS.contains(&field.as_str())
+                        || is_lora_field(&field)
+                        || field == "start.guidance_plan.cutoff_step_ratio"
+                        || field.starts_with("start.guidance_plan.schedule["),
                     "unexpected field `{}`", field
                 );
                 prop_assert!(!reason.is_empty(), "`{}` refused without a reason", field);

@@ -200,10 +200,12 @@ pub fn validate_control(
             }
             name if CFG_BATCHED.contains(&name) => {
                 let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
-                let want_batch = if new_cfg {
-                    2 * state.batch
-                } else {
-                    state.batch
+                // A guidance change decides the batch; otherwise the tensor keeps its own (a
+                // server-side schedule may run a step without CFG on still-doubled embeddings).
+                let want_batch = match control.guidance_scale {
+                    None => cur.dims().first().copied().unwrap_or(0),
+                    Some(_) if new_cfg => 2 * state.batch,
+                    Some(_) => state.batch,
                 };
                 let (cd, td) = (cur.dims(), t.dims());
                 if td.is_empty() || td.len() != cd.len() || td.get(1..) != cd.get(1..) {
@@ -245,6 +247,9 @@ pub fn validate_control(
         }
     }
     // A guidance change that flips CFG must come with every CFG-batched tensor at the new batch.
+    if control.guidance_scale.is_none() {
+        return Ok(());
+    }
     let want_batch = if new_cfg {
         2 * state.batch
     } else {

@@ -46,6 +46,37 @@ pub struct GenerateParams {
     pub decode: bool,
     /// The model's LoRAs this generation applies.
     pub loras: Vec<LoraUse>,
+    /// Guidance the loop changes by itself.
+    pub guidance_plan: GuidancePlan,
+}
+
+/// Where a server-side CFG cutoff falls.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Cutoff {
+    /// At step `int(num_timesteps * ratio)`, as diffusers' `SDCFGCutoffCallback`.
+    Ratio(f64),
+    /// At this step index.
+    Index(usize),
+}
+
+impl Cutoff {
+    /// The step index, for a run of `num_timesteps` steps.
+    pub fn step(self, num_timesteps: usize) -> usize {
+        match self {
+            // diffusers: `int(pipeline.num_timesteps * cutoff_step_ratio)`.
+            Cutoff::Ratio(r) => (num_timesteps as f64 * r) as usize,
+            Cutoff::Index(i) => i,
+        }
+    }
+}
+
+/// Server-side guidance: a CFG cutoff and a per-step guidance schedule, applied by the loop.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GuidancePlan {
+    /// Turn CFG off after this step, keeping the conditional half of the embeddings.
+    pub cfg_cutoff: Option<Cutoff>,
+    /// One guidance scale per timestep (replaces the request's guidance scale).
+    pub schedule: Option<Vec<f64>>,
 }
 
 /// A LoRA a generation applies: its adapter index in the model and its UNet scale per step.
@@ -102,6 +133,7 @@ impl GenerateParams {
             eta: 0.0,
             decode: true,
             loras: Vec::new(),
+            guidance_plan: GuidancePlan::default(),
         }
     }
 }
@@ -292,7 +324,19 @@ pub fn prepare<'m>(
 
     // Prompt embeddings, diffusers' encode_prompt.
     let t0 = Instant::now();
-    let cfg = params.guidance_scale > 1.0;
+    // A schedule may turn CFG on at any step: then the negative conditioning is needed too.
+    let initial_guidance = params
+        .guidance_plan
+        .schedule
+        .as_ref()
+        .and_then(|s| s.first().copied())
+        .unwrap_or(params.guidance_scale);
+    let cfg = initial_guidance > 1.0
+        || params
+            .guidance_plan
+            .schedule
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|&g| g > 1.0));
     let hidden = model.text_encoder_hidden_size();
     let check_embeds = |field: &str, t: &Tensor| -> Result<(), PipelineError> {
         match t.dims() {
@@ -439,12 +483,13 @@ pub fn prepare<'m>(
         negative_prompt_embeds: negative,
         add_text_embeds,
         add_time_ids,
-        guidance_scale: params.guidance_scale,
+        guidance_scale: initial_guidance,
         guidance_rescale: params.guidance_rescale,
         batch,
         decode: params.decode,
         encode_ms,
         loras: params.loras.clone(),
+        guidance_plan: params.guidance_plan.clone(),
     }))
 }
 

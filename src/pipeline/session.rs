@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::sd::{decode_images, rescale_noise_cfg, GenerationOutput, LoraUse, Timings};
+use super::sd::{
+    decode_images, rescale_noise_cfg, GenerationOutput, GuidancePlan, LoraUse, Timings,
+};
 use super::{CallbackTensors, PipelineError, StepCallback, StepControl, StepState};
 use crate::models::lora::Scale;
 use crate::models::pipeline_model::StableDiffusionModel;
@@ -31,6 +33,7 @@ pub(super) struct SessionParts<'m> {
     pub(super) decode: bool,
     pub(super) encode_ms: f64,
     pub(super) loras: Vec<LoraUse>,
+    pub(super) guidance_plan: GuidancePlan,
 }
 
 /// What sessions must share to run in one UNet call: the model (and so its dtype), the latents'
@@ -80,11 +83,16 @@ pub struct Session<'m> {
     callback_wait_ms: f64,
     /// The LoRAs applied and their scales per step.
     loras: Vec<LoraUse>,
+    /// The step after which CFG is cut off, until a reply changes guidance.
+    cfg_cutoff: Option<usize>,
+    /// Guidance per timestep, until a reply changes guidance.
+    guidance_schedule: Option<Vec<f64>>,
 }
 
 impl<'m> Session<'m> {
     pub(super) fn new(p: SessionParts<'m>) -> Self {
         let timesteps = p.scheduler.timesteps().to_vec();
+        let timesteps_len = timesteps.len();
         Self {
             model: p.model,
             scheduler: p.scheduler,
@@ -108,6 +116,8 @@ impl<'m> Session<'m> {
             last_step_done_at: None,
             callback_wait_ms: 0.0,
             loras: p.loras,
+            cfg_cutoff: p.guidance_plan.cfg_cutoff.map(|c| c.step(timesteps_len)),
+            guidance_schedule: p.guidance_plan.schedule,
         }
     }
 
@@ -233,7 +243,10 @@ impl<'m> Session<'m> {
     /// tensors and pipeline attributes).
     pub fn apply(&mut self, control: StepControl) -> Result<(), PipelineError> {
         if let Some(g) = control.guidance_scale {
+            // The client's guidance wins over the server's plan, from here on.
             self.guidance_scale = g;
+            self.guidance_schedule = None;
+            self.cfg_cutoff = None;
         }
         self.interrupted |= control.interrupt;
         for (adapter, scale) in control.lora_scales {
@@ -279,8 +292,69 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// The UNet's conditioning in the compute dtype: prompt embeddings and SDXL's added conditions.
-    fn conditions(&mut self) -> Result<(Tensor, Option<AddedConditions>), PipelineError> {
+    /// The server's plan after a step: the schedule's guidance for the next step, or the CFG
+    /// cutoff (diffusers' `SDCFGCutoffCallback`, for any batch size: the conditional half of
+    /// every CFG-batched tensor is kept).
+    fn after_step_plan(&mut self) -> Result<(), PipelineError> {
+        let done = self.next - 1;
+        if self.cfg_cutoff == Some(done) {
+            self.cfg_cutoff = None;
+            self.guidance_schedule = None;
+            self.guidance_scale = 0.0;
+            let b = self.batch;
+            let half = |t: &Tensor| -> Result<Tensor, PipelineError> {
+                Ok(if t.dim(0)? == 2 * b {
+                    t.narrow(0, b, b)?
+                } else {
+                    t.clone()
+                })
+            };
+            self.prompt_embeds = half(&self.prompt_embeds)?;
+            if let Some(t) = &self.add_text_embeds {
+                self.add_text_embeds = Some(half(t)?);
+            }
+            if let Some(t) = &self.add_time_ids {
+                self.add_time_ids = Some(half(t)?);
+            }
+            self.conditions = None;
+        } else if let Some(g) = self
+            .guidance_schedule
+            .as_ref()
+            .and_then(|s| s.get(self.next).copied())
+        {
+            self.guidance_scale = g;
+        }
+        Ok(())
+    }
+
+    /// The UNet's conditioning for this step, in the compute dtype: prompt embeddings and SDXL's
+    /// added conditions. A step without CFG while the embeddings are still CFG-batched (a
+    /// schedule's guidance <= 1) takes their conditional half.
+    fn conditions(
+        &mut self,
+        cfg: bool,
+    ) -> Result<(Tensor, Option<AddedConditions>), PipelineError> {
+        let (context, added) = self.all_conditions()?;
+        let b = self.batch;
+        if cfg || context.dim(0)? != 2 * b {
+            return Ok((context, added));
+        }
+        let half = |t: &Tensor| -> Result<Tensor, PipelineError> { Ok(t.narrow(0, b, b)?) };
+        Ok((
+            half(&context)?,
+            added
+                .map(|a| -> Result<AddedConditions, PipelineError> {
+                    Ok(AddedConditions {
+                        text_embeds: half(&a.text_embeds)?,
+                        time_ids: half(&a.time_ids)?,
+                    })
+                })
+                .transpose()?,
+        ))
+    }
+
+    /// The conditioning as held (cached until a reply or the plan replaces it).
+    fn all_conditions(&mut self) -> Result<(Tensor, Option<AddedConditions>), PipelineError> {
         if let Some(c) = &self.conditions {
             return Ok(c.clone());
         }
@@ -415,7 +489,7 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
         let x = s.input(cfg)?;
         timesteps.extend(std::iter::repeat_n(s.timesteps[s.next], x.dim(0)?));
         inputs.push(x);
-        let (context, added) = s.conditions()?;
+        let (context, added) = s.conditions(cfg)?;
         contexts.push(context);
         if let Some(a) = added {
             texts.push(a.text_embeds);
@@ -476,6 +550,7 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
         });
         s.next += 1;
         s.last_step_done_at = Some(done_at);
+        s.after_step_plan()?;
     }
     Ok(ms)
 }

@@ -89,13 +89,18 @@ impl DiffusionService {
         let started_at = Instant::now();
         let (index, card) = self.engine.find_model(&req.model)?;
         let valid = validation::validate(&req, card, &self.limits)?;
-        if let Some(sub) = &valid.subscription {
-            // Checked here, before the queue: a bad step index never waits its turn.
-            let p = &valid.params;
+        let p = &valid.params;
+        let per_step =
+            p.guidance_plan != Default::default() || p.loras.iter().any(|l| l.schedule.is_some());
+        if valid.subscription.is_some() || per_step {
+            // Checked here, before the queue: a bad step index or schedule never waits its turn.
             let n = self
                 .engine
                 .num_timesteps(index, &p.scheduler, p.num_inference_steps)?;
-            validation::check_step_indices(sub, n)?;
+            if let Some(sub) = &valid.subscription {
+                validation::check_step_indices(sub, n)?;
+            }
+            validation::check_schedules(p, n)?;
         }
         let (slot, ahead) = self.engine.admit()?;
         let request_id = format!("{:016x}", validation::random_u64());

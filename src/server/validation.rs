@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::engine::{EngineError, RequestTensors, Subscription};
 use crate::pipeline::check_lora_scale;
-use crate::pipeline::sd::{GenerateParams, LoraUse};
+use crate::pipeline::sd::{Cutoff, GenerateParams, GuidancePlan, LoraUse};
 use crate::proto;
 
 /// Limits requests are checked against.
@@ -198,7 +198,8 @@ pub fn validate(
         .as_ref()
         .map(|c| validate_callback(c, model, limits))
         .transpose()?;
-    let loras = validate_loras(&req.loras, model, steps as usize)?;
+    let loras = validate_loras(&req.loras, model)?;
+    let guidance_plan = validate_guidance_plan(req.guidance_plan.as_ref())?;
     let params = GenerateParams {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
@@ -216,6 +217,7 @@ pub fn validate(
         eta: eta as f64,
         decode,
         loras,
+        guidance_plan,
     };
     Ok(Validated {
         params,
@@ -234,7 +236,6 @@ pub fn validate(
 fn validate_loras(
     loras: &[proto::LoraRequest],
     model: &proto::ModelInfo,
-    steps: usize,
 ) -> Result<Vec<LoraUse>, EngineError> {
     let mut out: Vec<LoraUse> = Vec::with_capacity(loras.len());
     for (i, l) in loras.iter().enumerate() {
@@ -267,18 +268,11 @@ fn validate_loras(
         }
         let scale = l.scale.unwrap_or(1.0);
         check_lora_scale(scale).map_err(|why| invalid(&field("scale"), why))?;
+        // Its length is checked against the timestep count with the step indices
+        // (`check_schedules`), which needs the scheduler.
         let schedule = if l.schedule.is_empty() {
             None
         } else {
-            if l.schedule.len() != steps {
-                return Err(invalid(
-                    &field("schedule"),
-                    format!(
-                        "{} values for {steps} steps (one per step)",
-                        l.schedule.len()
-                    ),
-                ));
-            }
             for (k, s) in l.schedule.iter().enumerate() {
                 check_lora_scale(*s)
                     .map_err(|why| invalid(&format!("loras[{i}].schedule[{k}]"), why))?;
@@ -292,6 +286,75 @@ fn validate_loras(
         });
     }
     Ok(out)
+}
+
+/// The server-side guidance plan: a cutoff ratio in [0, 1] or an index, finite guidance values
+/// (the index and the schedule's length are checked against the timestep count later).
+fn validate_guidance_plan(plan: Option<&proto::GuidancePlan>) -> Result<GuidancePlan, EngineError> {
+    let Some(plan) = plan else {
+        return Ok(GuidancePlan::default());
+    };
+    use proto::guidance_plan::CfgCutoff;
+    let cfg_cutoff = match plan.cfg_cutoff {
+        None => None,
+        Some(CfgCutoff::CutoffStepRatio(r)) => {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(invalid(
+                    "guidance_plan.cutoff_step_ratio",
+                    format!("{r} must be in [0, 1]"),
+                ));
+            }
+            Some(Cutoff::Ratio(r as f64))
+        }
+        Some(CfgCutoff::CutoffStepIndex(i)) => Some(Cutoff::Index(i as usize)),
+    };
+    let schedule = if plan.schedule.is_empty() {
+        None
+    } else {
+        if let Some(k) = plan.schedule.iter().position(|g| !g.is_finite()) {
+            return Err(invalid(
+                &format!("guidance_plan.schedule[{k}]"),
+                "must be finite",
+            ));
+        }
+        Some(plan.schedule.iter().map(|&g| g as f64).collect())
+    };
+    Ok(GuidancePlan {
+        cfg_cutoff,
+        schedule,
+    })
+}
+
+/// Per-step lists against the run's timestep count `n`: the guidance schedule and each LoRA
+/// schedule hold `n` values, and a cutoff index is a step of the run.
+pub fn check_schedules(params: &GenerateParams, n: usize) -> Result<(), EngineError> {
+    if let Some(s) = &params.guidance_plan.schedule {
+        if s.len() != n {
+            return Err(invalid(
+                "guidance_plan.schedule",
+                format!("{} values for {n} timesteps (one per step)", s.len()),
+            ));
+        }
+    }
+    if let Some(Cutoff::Index(i)) = params.guidance_plan.cfg_cutoff {
+        if i >= n {
+            return Err(invalid(
+                "guidance_plan.cutoff_step_index",
+                format!("step {i} of a run of {n} timesteps"),
+            ));
+        }
+    }
+    for (i, l) in params.loras.iter().enumerate() {
+        if let Some(s) = &l.schedule {
+            if s.len() != n {
+                return Err(invalid(
+                    &format!("loras[{i}].schedule"),
+                    format!("{} values for {n} timesteps (one per step)", s.len()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_callback(
