@@ -54,6 +54,7 @@ struct Run {
     cfg: Vec<bool>,
     guidance: Vec<f32>,
     embeds_rows: Vec<usize>,
+    accepted: proto::Accepted,
     completed: proto::Completed,
 }
 
@@ -68,6 +69,7 @@ async fn run(
         cfg: vec![],
         guidance: vec![],
         embeds_rows: vec![],
+        accepted: Default::default(),
         completed: Default::default(),
     };
     loop {
@@ -84,7 +86,8 @@ async fn run(
                 r.completed = c;
                 return r;
             }
-            Kind::Accepted(_) | Kind::Queued(_) => {}
+            Kind::Accepted(a) => r.accepted = a,
+            Kind::Queued(_) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -98,6 +101,15 @@ fn plan(cutoff: Option<CfgCutoff>, schedule: Vec<f32>) -> Option<proto::Guidance
     Some(proto::GuidancePlan {
         cfg_cutoff: cutoff,
         schedule,
+        ..Default::default()
+    })
+}
+
+fn interval(lo: Option<f64>, hi: Option<f64>) -> Option<proto::GuidancePlan> {
+    Some(proto::GuidancePlan {
+        interval_sigma_lo: lo,
+        interval_sigma_hi: hi,
+        ..Default::default()
     })
 }
 
@@ -266,4 +278,69 @@ async fn plans_that_do_not_fit_the_run_are_refused_by_field() {
     req.guidance_plan = plan(None, vec![7.5; 11]);
     let got = run(&mut client, req, no_change).await;
     assert_eq!(got.latents.len(), 11);
+}
+
+/// Accepted carries each step's sigma (diffusers' for a sigma-space sampler); a guidance
+/// interval runs CFG exactly at the steps whose sigma is inside it, which is the schedule that
+/// turns guidance to 1 elsewhere, bit for bit.
+#[tokio::test]
+async fn a_guidance_interval_runs_cfg_only_where_sigma_is_inside_it() {
+    let server = server().await;
+    let mut client = server.client().await;
+    let case = Case::load("tiny-sd15", "euler-10");
+    let init = case.tensor("init_latents");
+    let plain = run(
+        &mut client,
+        request("tiny-sd15", "euler", &init, 7.5),
+        no_change,
+    )
+    .await;
+    let sigmas = plain.accepted.sigmas.clone();
+    let theirs: Vec<f64> = case.json["sigmas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(sigmas.len(), 10);
+    for (k, (a, b)) in sigmas.iter().zip(&theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.max(1.0),
+            "sigma {k}: {a} vs diffusers' {b}"
+        );
+    }
+    let (lo, hi) = (sigmas[6], sigmas[2]);
+    let mut req = request("tiny-sd15", "euler", &init, 7.5);
+    req.guidance_plan = interval(Some(lo), Some(hi));
+    let inside = run(&mut client, req, no_change).await;
+    let want: Vec<bool> = sigmas.iter().map(|&s| (lo..=hi).contains(&s)).collect();
+    assert_eq!(inside.cfg, want);
+    let mut req = request("tiny-sd15", "euler", &init, 7.5);
+    let g: Vec<f32> = want.iter().map(|&on| if on { 7.5 } else { 1.0 }).collect();
+    req.guidance_plan = plan(None, g);
+    let scheduled = run(&mut client, req, no_change).await;
+    assert_eq!(inside.completed.latents, scheduled.completed.latents);
+    // Alpha-space samplers report sigma from alphas_cumprod, falling with the steps.
+    let ddim = run(
+        &mut client,
+        request("tiny-sd15", "ddim", &init, 7.5),
+        no_change,
+    )
+    .await;
+    let s = &ddim.accepted.sigmas;
+    assert_eq!(s.len(), 10);
+    assert!(s.windows(2).all(|w| w[0] > w[1]) && s[9] > 0.0, "{s:?}");
+    // Bounds out of order are refused.
+    let mut req = request("tiny-sd15", "euler", &init, 7.5);
+    req.guidance_plan = interval(Some(2.0), Some(1.0));
+    let status = match Session::start(&mut client, req).await {
+        Err(s) => s,
+        Ok(mut s) => s.next().await.expect_err("refused"),
+    };
+    assert!(
+        status
+            .message()
+            .contains("start.guidance_plan.interval_sigma_lo"),
+        "{status:?}"
+    );
 }

@@ -605,6 +605,7 @@ fn any_guidance_plan() -> impl Strategy<Value = proto::GuidancePlan> {
         .prop_map(|(cfg_cutoff, schedule)| proto::GuidancePlan {
             cfg_cutoff,
             schedule,
+            ..Default::default()
         })
 }
 
@@ -923,6 +924,7 @@ proptest! {
                     REQUEST_FIELDS.contains(&field.as_str())
                         || is_lora_field(&field)
                         || field == "start.guidance_plan.cutoff_step_ratio"
+                        || field.starts_with("start.guidance_plan.interval_sigma_")
                         || field.starts_with("start.guidance_plan.schedule["),
                     "unexpected field `{}`", field
                 );

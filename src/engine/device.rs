@@ -340,8 +340,9 @@ fn accepted(
             .collect(),
         width: params.width as u32,
         height: params.height as u32,
-        guidance_scale: params.guidance_scale as f32,
+        guidance_scale: session.guidance_scale() as f32,
         scheduler: session.scheduler_name().into(),
+        sigmas: session.sigmas().to_vec(),
         tensor_specs,
         queue_position,
     }))

@@ -77,6 +77,8 @@ pub struct GuidancePlan {
     pub cfg_cutoff: Option<Cutoff>,
     /// One guidance scale per timestep (replaces the request's guidance scale).
     pub schedule: Option<Vec<f64>>,
+    /// CFG only at steps whose sigma lies in `[lo, hi]` (open where `None`).
+    pub interval: Option<(Option<f64>, Option<f64>)>,
 }
 
 /// A LoRA a generation applies: its adapter index in the model and its UNet scale per step.
@@ -474,6 +476,11 @@ pub fn prepare<'m>(
         }
     };
     let latents = (latents * scheduler.init_noise_sigma())?;
+    let sigmas = schedulers::step_sigmas(
+        scheduler.as_ref(),
+        &schedulers::config_for_name(scheduler_name, &model.scheduler_config),
+    )
+    .map_err(|e| invalid("scheduler", e.to_string()))?;
     Ok(Session::new(SessionParts {
         model,
         scheduler,
@@ -490,6 +497,7 @@ pub fn prepare<'m>(
         encode_ms,
         loras: params.loras.clone(),
         guidance_plan: params.guidance_plan.clone(),
+        sigmas,
     }))
 }
 

@@ -34,6 +34,7 @@ pub(super) struct SessionParts<'m> {
     pub(super) encode_ms: f64,
     pub(super) loras: Vec<LoraUse>,
     pub(super) guidance_plan: GuidancePlan,
+    pub(super) sigmas: Vec<f64>,
 }
 
 /// What sessions must share to run in one UNet call: the model (and so its dtype), the latents'
@@ -87,6 +88,10 @@ pub struct Session<'m> {
     cfg_cutoff: Option<usize>,
     /// Guidance per timestep, until a reply changes guidance.
     guidance_schedule: Option<Vec<f64>>,
+    /// CFG only while sigma is in this interval, until a reply changes guidance.
+    guidance_interval: Option<(Option<f64>, Option<f64>)>,
+    /// Each step's sigma.
+    sigmas: Vec<f64>,
 }
 
 impl<'m> Session<'m> {
@@ -118,6 +123,8 @@ impl<'m> Session<'m> {
             loras: p.loras,
             cfg_cutoff: p.guidance_plan.cfg_cutoff.map(|c| c.step(timesteps_len)),
             guidance_schedule: p.guidance_plan.schedule,
+            guidance_interval: p.guidance_plan.interval,
+            sigmas: p.sigmas,
         }
     }
 
@@ -167,9 +174,28 @@ impl<'m> Session<'m> {
         self.interrupted
     }
 
-    /// Whether the next step runs classifier-free guidance (decided anew at every step).
+    /// Whether the next step runs classifier-free guidance (decided anew at every step): guidance
+    /// above 1, and the step's sigma inside the plan's guidance interval if there is one.
     fn cfg(&self) -> bool {
-        self.guidance_scale > 1.0 && self.model.unet_config.time_cond_proj_dim.is_none()
+        let in_interval = match (self.guidance_interval, self.sigmas.get(self.next)) {
+            (Some((lo, hi)), Some(&s)) => {
+                lo.is_none_or(|lo| s >= lo) && hi.is_none_or(|hi| s <= hi)
+            }
+            _ => true,
+        };
+        self.guidance_scale > 1.0
+            && in_interval
+            && self.model.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    /// Each step's noise level sigma, as the sampler computes it.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    /// The guidance scale the next step uses.
+    pub fn guidance_scale(&self) -> f64 {
+        self.guidance_scale
     }
 
     /// UNet rows the next step takes: `2 × batch` under CFG (`[uncond; cond]`), else `batch`.
@@ -246,6 +272,7 @@ impl<'m> Session<'m> {
             // The client's guidance wins over the server's plan, from here on.
             self.guidance_scale = g;
             self.guidance_schedule = None;
+            self.guidance_interval = None;
             self.cfg_cutoff = None;
         }
         self.interrupted |= control.interrupt;
@@ -300,6 +327,7 @@ impl<'m> Session<'m> {
         if self.cfg_cutoff == Some(done) {
             self.cfg_cutoff = None;
             self.guidance_schedule = None;
+            self.guidance_interval = None;
             self.guidance_scale = 0.0;
             let b = self.batch;
             let half = |t: &Tensor| -> Result<Tensor, PipelineError> {

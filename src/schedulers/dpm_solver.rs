@@ -259,6 +259,10 @@ impl DpmSolverMultistepScheduler {
 }
 
 impl super::Scheduler for DpmSolverMultistepScheduler {
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }

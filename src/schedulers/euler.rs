@@ -119,6 +119,10 @@ impl EulerDiscreteScheduler {
 }
 
 impl super::Scheduler for EulerDiscreteScheduler {
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     fn name(&self) -> &'static str {
         "euler"
     }

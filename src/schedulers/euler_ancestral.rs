@@ -76,6 +76,10 @@ impl EulerAncestralScheduler {
 }
 
 impl super::Scheduler for EulerAncestralScheduler {
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     fn name(&self) -> &'static str {
         "euler_a"
     }

@@ -70,6 +70,11 @@ pub trait Scheduler: Send {
         }
         Ok(sample.clone())
     }
+    /// diffusers' `sigmas` for samplers that keep them (one per timestep, then the final one);
+    /// `None` for those that step in alpha space (their sigmas come from `alphas_cumprod`).
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
     /// diffusers' `step(model_output, timesteps[step_index], sample).prev_sample`.
     fn step(
         &mut self,
@@ -78,6 +83,24 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor>;
+}
+
+/// Each step's noise level σ = sqrt((1 - ᾱ_t) / ᾱ_t): the sampler's own `sigmas` where it keeps
+/// them, else from the `alphas_cumprod` of `config` (the config the sampler was built from) at
+/// each timestep.
+pub fn step_sigmas(s: &dyn Scheduler, config: &SchedulerConfig) -> Result<Vec<f64>> {
+    let n = s.timesteps().len();
+    if let Some(sig) = s.sigmas() {
+        return Ok(sig.iter().take(n).map(|&x| x as f64).collect());
+    }
+    let ac = common::alphas_cumprod(config)?;
+    s.timesteps()
+        .iter()
+        .map(|&t| {
+            let a = common::alpha_cumprod_at(&ac, t.round() as i64)? as f64;
+            Ok(((1.0 - a) / a).sqrt())
+        })
+        .collect()
 }
 
 /// A value a registry entry forces or defaults: a JSON scalar known at compile time.

@@ -320,6 +320,10 @@ impl UniPcScheduler {
 }
 
 impl super::Scheduler for UniPcScheduler {
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     fn name(&self) -> &'static str {
         "unipc"
     }

@@ -319,9 +319,28 @@ fn validate_guidance_plan(plan: Option<&proto::GuidancePlan>) -> Result<Guidance
         }
         Some(plan.schedule.iter().map(|&g| g as f64).collect())
     };
+    let (lo, hi) = (plan.interval_sigma_lo, plan.interval_sigma_hi);
+    for (name, v) in [("interval_sigma_lo", lo), ("interval_sigma_hi", hi)] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return Err(invalid(
+                &format!("guidance_plan.{name}"),
+                "must be finite and >= 0",
+            ));
+        }
+    }
+    if let (Some(l), Some(h)) = (lo, hi) {
+        if l > h {
+            return Err(invalid(
+                "guidance_plan.interval_sigma_lo",
+                format!("{l} is above interval_sigma_hi {h}"),
+            ));
+        }
+    }
+    let interval = (lo.is_some() || hi.is_some()).then_some((lo, hi));
     Ok(GuidancePlan {
         cfg_cutoff,
         schedule,
+        interval,
     })
 }
 
