@@ -93,6 +93,17 @@ async fn run(
     }
 }
 
+/// The status a refused request ends with (before or after the stream opens).
+async fn refused(
+    client: &mut proto::diffusion_client::DiffusionClient<tonic::transport::Channel>,
+    req: proto::GenerateRequest,
+) -> tonic::Status {
+    match Session::start(client, req).await {
+        Err(s) => s,
+        Ok(mut s) => s.next().await.expect_err("refused"),
+    }
+}
+
 fn no_change(step: &proto::StepEnd) -> proto::StepReply {
     ok_reply(step.step_index)
 }
@@ -262,10 +273,7 @@ async fn plans_that_do_not_fit_the_run_are_refused_by_field() {
     for (p, field) in cases {
         let mut req = request("tiny-sd15", "ddim", &init, 7.5);
         req.guidance_plan = p;
-        let status = match Session::start(&mut client, req).await {
-            Err(s) => s,
-            Ok(mut s) => s.next().await.expect_err("refused"),
-        };
+        let status = refused(&mut client, req).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{field}");
         assert!(
             status.message().contains(field),
@@ -333,10 +341,7 @@ async fn a_guidance_interval_runs_cfg_only_where_sigma_is_inside_it() {
     // Bounds out of order are refused.
     let mut req = request("tiny-sd15", "euler", &init, 7.5);
     req.guidance_plan = interval(Some(2.0), Some(1.0));
-    let status = match Session::start(&mut client, req).await {
-        Err(s) => s,
-        Ok(mut s) => s.next().await.expect_err("refused"),
-    };
+    let status = refused(&mut client, req).await;
     assert!(
         status
             .message()
