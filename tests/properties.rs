@@ -555,6 +555,7 @@ const REQUEST_FIELDS: &[&str] = &[
     "start.callback.reply_timeout_ms",
     "start.callback.on_timeout",
     "start.callback.wire_dtype",
+    "start.callback.reply_step_indices",
 ];
 
 /// Whether `field` is one a request's LoRAs are refused by: `start.loras[i].name`, `.scale`,
@@ -673,6 +674,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
         mostly(0..=2000u32, edgy_u32()),
         any_enum_value(2),
         any_enum_value(3),
+        prop::collection::vec(mostly(0..20u32, edgy_u32()), 0..3),
     )
         .prop_map(
             |(
@@ -683,6 +685,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                 reply_timeout_ms,
                 on_timeout,
                 wire_dtype,
+                reply_step_indices,
             )| {
                 proto::CallbackOptions {
                     tensor_inputs,
@@ -692,6 +695,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                     reply_timeout_ms,
                     on_timeout,
                     wire_dtype,
+                    reply_step_indices,
                 }
             },
         )

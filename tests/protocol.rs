@@ -130,6 +130,71 @@ async fn only_subscribed_steps_produce_events() {
     assert!(matches!(s.expect().await, Kind::Completed(_)));
 }
 
+/// A client may watch every step and block at a few: only `reply_step_indices` wait, and a
+/// reply there acts from the next step on.
+#[tokio::test]
+async fn a_client_can_observe_every_step_and_block_at_chosen_ones() {
+    let srv = server::start(Default::default()).await;
+    let mut c = srv.client().await;
+    let cb = proto::CallbackOptions {
+        every: 4,
+        reply_step_indices: vec![6, 2],
+        ..Default::default()
+    };
+    let mut s = Session::start(&mut c, subscribed(10, cb)).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match s.expect().await {
+            Kind::StepEnd(e) => {
+                seen.push((e.step_index, e.reply_required, e.guidance_scale));
+                if e.reply_required {
+                    let mut r = ok_reply(e.step_index);
+                    r.guidance_scale = Some(3.0 + e.step_index as f32);
+                    s.reply(r).await;
+                }
+            }
+            Kind::Completed(_) => break,
+            _ => {}
+        }
+    }
+    // Every 4th step observed, plus the blocking ones; the replies' guidance shows after.
+    assert_eq!(
+        seen,
+        [
+            (0, false, 7.5),
+            (2, true, 7.5),
+            (4, false, 5.0),
+            (6, true, 5.0),
+            (8, false, 9.0)
+        ]
+    );
+    // Blocking steps beyond the run, or with observe_only, are refused.
+    for (cb, field) in [
+        (
+            proto::CallbackOptions {
+                reply_step_indices: vec![10],
+                ..Default::default()
+            },
+            "start.callback.reply_step_indices",
+        ),
+        (
+            proto::CallbackOptions {
+                reply_step_indices: vec![1],
+                observe_only: true,
+                ..Default::default()
+            },
+            "start.callback.reply_step_indices",
+        ),
+    ] {
+        let status = match Session::start(&mut c, subscribed(10, cb)).await {
+            Err(e) => e,
+            Ok(mut s) => s.next().await.expect_err("refused"),
+        };
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+}
+
 /// Checked before the queue: refused at once, even while the only live place is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_indices_beyond_the_schedule_are_invalid_before_any_queueing() {

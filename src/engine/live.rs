@@ -29,6 +29,8 @@ pub struct Subscription {
     pub every: u32,
     /// Events only; never wait for replies.
     pub observe_only: bool,
+    /// The steps that wait for a reply (sorted, unique); empty: every subscribed step.
+    pub reply_steps: Vec<u32>,
     /// Deadline of each reply wait.
     pub reply_timeout: Duration,
     /// What to do when the deadline passes.
@@ -40,10 +42,19 @@ pub struct Subscription {
 impl Subscription {
     /// Whether step `i` produces a StepEnd.
     pub fn wants(&self, i: usize) -> bool {
+        if self.reply_steps.binary_search(&(i as u32)).is_ok() {
+            return true;
+        }
         if !self.step_indices.is_empty() {
             return self.step_indices.binary_search(&(i as u32)).is_ok();
         }
         self.every <= 1 || i % self.every as usize == 0
+    }
+
+    /// Whether step `i`'s StepEnd waits for a reply.
+    pub fn waits(&self, i: usize) -> bool {
+        !self.observe_only
+            && (self.reply_steps.is_empty() || self.reply_steps.binary_search(&(i as u32)).is_ok())
     }
 }
 
@@ -417,7 +428,7 @@ impl<'m> Live<'m> {
         if let Some(sub) = &self.sub {
             if sub.wants(state.step_index) {
                 let step_end = step_end(&state, sub)?;
-                if !sub.observe_only {
+                if sub.waits(state.step_index) {
                     next = Phase::Waiting {
                         step_index: state.step_index,
                         since: now,
@@ -502,7 +513,7 @@ fn step_end(state: &StepState<'_>, sub: &Subscription) -> Result<proto::StepEnd,
         guidance_scale: state.guidance_scale as f32,
         do_classifier_free_guidance: state.do_classifier_free_guidance,
         tensors: names.into_iter().cloned().zip(encoded).collect(),
-        reply_required: !sub.observe_only,
+        reply_required: sub.waits(state.step_index),
         step_ms: state.step_ms,
     })
 }

@@ -435,11 +435,21 @@ fn validate_callback(
             ))
         }
     };
+    let mut reply_steps = c.reply_step_indices.clone();
+    reply_steps.sort_unstable();
+    reply_steps.dedup();
+    if c.observe_only && !reply_steps.is_empty() {
+        return Err(invalid(
+            "callback.reply_step_indices",
+            "observe_only never waits; give one or the other",
+        ));
+    }
     Ok(Subscription {
         tensor_inputs: names,
         step_indices: steps,
         every: c.every,
         observe_only: c.observe_only,
+        reply_steps,
         reply_timeout,
         on_timeout,
         wire_dtype,
@@ -448,9 +458,19 @@ fn validate_callback(
 
 /// Every subscribed step index must be one of the request's `timesteps` steps.
 pub fn check_step_indices(sub: &Subscription, timesteps: usize) -> Result<(), EngineError> {
-    match sub.step_indices.iter().find(|&&i| i as usize >= timesteps) {
+    for (field, steps) in [
+        ("callback.step_indices", &sub.step_indices),
+        ("callback.reply_step_indices", &sub.reply_steps),
+    ] {
+        check_steps_in(field, steps, timesteps)?;
+    }
+    Ok(())
+}
+
+fn check_steps_in(field: &str, steps: &[u32], timesteps: usize) -> Result<(), EngineError> {
+    match steps.iter().find(|&&i| i as usize >= timesteps) {
         Some(&bad) => Err(invalid(
-            "callback.step_indices",
+            field,
             format!(
                 "step index {bad} is out of range: this request has {timesteps} timesteps \
                  (0..{timesteps})"
