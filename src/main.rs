@@ -303,6 +303,15 @@ struct GenerateArgs {
     /// wait. Without this or --cfg-cutoff the image comes from one GenerateOnce call.
     #[arg(long, env = "STEPSTREAM_OBSERVE")]
     observe: bool,
+    /// One guidance scale per timestep, comma-separated, applied by the server (replaces
+    /// --guidance).
+    #[arg(
+        long,
+        env = "STEPSTREAM_GUIDANCE_SCHEDULE",
+        value_delimiter = ',',
+        conflicts_with = "cfg_cutoff"
+    )]
+    guidance_schedule: Vec<f32>,
     /// A LoRA the server serves for the model: `NAME` (scale 1), `NAME=SCALE`, or
     /// `NAME=S0:S1:...` (one scale per step); repeatable.
     #[arg(long = "lora", env = "STEPSTREAM_GENERATE_LORA")]
@@ -661,6 +670,10 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             .iter()
             .map(|l| lora_request(l).with_context(|| format!("--lora {l}")))
             .collect::<Result<Vec<_>>>()?,
+        guidance_plan: (!args.guidance_schedule.is_empty()).then(|| proto::GuidancePlan {
+            schedule: args.guidance_schedule.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut bar = Bar::default();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::doorbell::Doorbell;
 use super::live::{Live, Meta, Phase};
 use super::{EngineConfig, EngineError, Job};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Metrics;
 use crate::models::pipeline_model::StableDiffusionModel;
 use crate::pipeline::{decode_batch, sd, step_batch, BatchKey, Session};
 use crate::proto;
@@ -65,7 +65,7 @@ pub(super) fn run(
                 end(l, e, metrics);
             }
         }
-        retire(&mut live, metrics);
+        retire(&mut live);
         if let Some(until) = gather_until(&live, last_steps, config.batch_window_pct, now) {
             bell.wait(Some(until));
             continue;
@@ -99,7 +99,7 @@ pub(super) fn run(
                 .busy_us
                 .fetch_add(busy.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        retire(&mut live, metrics);
+        retire(&mut live);
 
         let ready = live.iter().filter(|l| l.is_ready()).count();
         let waiting = live.iter().filter(|l| l.is_waiting()).count();
@@ -186,23 +186,19 @@ fn stop_error(slot: &super::Slot) -> EngineError {
 /// Ends a session with `e`: the client's stream reports it after the events already sent.
 fn end(l: &mut Live<'_>, e: EngineError, metrics: &Metrics) {
     tracing::info!(parent: &l.meta.span, error = %e, "generation ended with an error");
-    metrics.request(e.outcome());
+    // A generation already counted as completed (its client left before reading Completed)
+    // keeps that one outcome.
+    if !l.counted() {
+        metrics.request(e.outcome());
+    }
     l.link.verdict.set(e);
     l.meta.slot.finish();
     l.abandon();
 }
 
-/// Drops sessions that are over, counting the ones that completed.
-fn retire(live: &mut Vec<Live<'_>>, metrics: &Metrics) {
-    live.retain(|l| {
-        if !l.is_finished() {
-            return true;
-        }
-        if !l.failed() {
-            metrics.request(Outcome::Completed);
-        }
-        false
-    });
+/// Drops sessions that are over (each was counted when it completed or failed).
+fn retire(live: &mut Vec<Live<'_>>) {
+    live.retain(|l| !l.is_finished());
 }
 
 /// Runs `f`, turning a panic into an internal error (a bug must end requests, not the device).
@@ -451,7 +447,7 @@ fn decode_finished(live: &mut [Live<'_>], metrics: &Metrics) -> usize {
         match result {
             Ok(outputs) => {
                 for (&i, output) in members.iter().zip(outputs) {
-                    if let Err(e) = live[i].complete(output, now) {
+                    if let Err(e) = live[i].complete(output, now, metrics) {
                         end(&mut live[i], e, metrics);
                     }
                 }

@@ -112,7 +112,8 @@ pub(super) struct Live<'m> {
     pub(super) phase: Phase,
     outbox: VecDeque<proto::ServerMessage>,
     blocked_since: Option<Instant>,
-    failed: bool,
+    /// Counted as completed (when its Completed was queued).
+    counted: bool,
 }
 
 impl<'m> Live<'m> {
@@ -135,7 +136,7 @@ impl<'m> Live<'m> {
                 kind: Some(accepted),
             }]),
             blocked_since: None,
-            failed: false,
+            counted: false,
         }
     }
 
@@ -147,12 +148,11 @@ impl<'m> Live<'m> {
         self.outbox.clear();
         self.blocked_since = None;
         self.phase = Phase::Done;
-        self.failed = true;
     }
 
-    /// Whether it ended with an error.
-    pub(super) fn failed(&self) -> bool {
-        self.failed
+    /// Whether it was counted as completed.
+    pub(super) fn counted(&self) -> bool {
+        self.counted
     }
 
     /// Steps at this tick: ready, and every event so far delivered (a client that does not
@@ -456,6 +456,7 @@ impl<'m> Live<'m> {
         &mut self,
         output: GenerationOutput,
         now: Instant,
+        metrics: &Metrics,
     ) -> Result<(), EngineError> {
         let latents = if self.meta.return_latents {
             Some(
@@ -491,6 +492,10 @@ impl<'m> Live<'m> {
         };
         self.meta.slot.finish();
         self.phase = Phase::Done;
+        // Counted before the client can see it, so whoever holds a Completed finds it in the
+        // metrics (counted after delivery, a fast client could read the metrics first).
+        metrics.request(crate::metrics::Outcome::Completed);
+        self.counted = true;
         self.push(Kind::Completed(completed));
         self.flush(now)
     }

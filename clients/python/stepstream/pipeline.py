@@ -613,6 +613,7 @@ class RemotePipeline:
         cross_attention_kwargs: Optional[Dict[str, Any]] = None,
         *,
         lora_schedules: Optional[Dict[str, Sequence[float]]] = None,
+        guidance_schedule: Optional[Sequence[float]] = None,
         seed: Optional[int] = None,
         scheduler=None,
         callback_on_step_end_steps: Union[Iterable[int], Callable[[int], Iterable[int]], None] = None,
@@ -649,6 +650,9 @@ class RemotePipeline:
         ``tensor_format``: overrides the pipeline's for this call.
         ``timeout``: seconds for the whole call (gRPC deadline), retries of a refused start
         (see the pipeline's ``retry``) included.
+        ``guidance_schedule``: one guidance scale per timestep, applied by the server with no
+        round trip (what a callback setting ``pipe._guidance_scale`` at every step does); it
+        replaces ``guidance_scale``.
         ``lora_schedules``: ``{name: [one weight per step]}`` for LoRAs set with ``set_adapters``:
         the server changes their UNet weight at every step, with no round trip.
 
@@ -694,6 +698,8 @@ class RemotePipeline:
             if t is not None:
                 getattr(req, name).CopyFrom(tensors.encode(t))
         self._add_loras(req, cross_attention_kwargs, lora_schedules)
+        if guidance_schedule is not None:
+            req.guidance_plan.schedule.extend(float(g) for g in guidance_schedule)
         req.output.format = pb.IMAGE_FORMAT_NONE if output_type == "latent" else pb.IMAGE_FORMAT_PNG
         req.output.return_latents = bool(return_latents)
 
