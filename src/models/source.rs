@@ -12,14 +12,6 @@ use super::{ModelError, Result};
 /// Weight file stems inside a component folder (diffusers', then transformers').
 const WEIGHT_STEMS: &[&str] = &["diffusion_pytorch_model", "model"];
 
-/// Every weight file name a component folder may hold (plain and `fp16` variant).
-const WEIGHT_FILES: &[&str] = &[
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.fp16.safetensors",
-];
-
 /// The weight file names of a component folder in the order to try them: an explicit
 /// `variant`'s files first; otherwise the smallest that fits `dtype` (f16/bf16 compute: the
 /// `fp16` files; f32: the full-precision ones), then the others.
@@ -136,7 +128,7 @@ impl ModelSource {
                 };
             }
         }
-        self.missing(&format!("{component}/{}", WEIGHT_FILES[0]))
+        self.missing(&format!("{component}/{}.safetensors", WEIGHT_STEMS[0]))
     }
 
     /// The bytes of a file.
@@ -299,5 +291,7 @@ impl candle_nn::var_builder::SimpleBackend for MaterialisedZeros {
 }
 
 fn is_weight_file(rel: &str) -> bool {
-    WEIGHT_FILES.iter().any(|f| rel.ends_with(f))
+    weight_files(None, DType::F32)
+        .iter()
+        .any(|f| rel.ends_with(f.as_str()))
 }

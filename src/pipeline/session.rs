@@ -330,19 +330,12 @@ impl<'m> Session<'m> {
             self.guidance_interval = None;
             self.guidance_scale = 0.0;
             let b = self.batch;
-            let half = |t: &Tensor| -> Result<Tensor, PipelineError> {
-                Ok(if t.dim(0)? == 2 * b {
-                    t.narrow(0, b, b)?
-                } else {
-                    t.clone()
-                })
-            };
-            self.prompt_embeds = half(&self.prompt_embeds)?;
+            self.prompt_embeds = conditional_half(&self.prompt_embeds, b)?;
             if let Some(t) = &self.add_text_embeds {
-                self.add_text_embeds = Some(half(t)?);
+                self.add_text_embeds = Some(conditional_half(t, b)?);
             }
             if let Some(t) = &self.add_time_ids {
-                self.add_time_ids = Some(half(t)?);
+                self.add_time_ids = Some(conditional_half(t, b)?);
             }
             self.conditions = None;
         } else if let Some(g) = self
@@ -363,18 +356,17 @@ impl<'m> Session<'m> {
         cfg: bool,
     ) -> Result<(Tensor, Option<AddedConditions>), PipelineError> {
         let (context, added) = self.all_conditions()?;
-        let b = self.batch;
-        if cfg || context.dim(0)? != 2 * b {
+        if cfg {
             return Ok((context, added));
         }
-        let half = |t: &Tensor| -> Result<Tensor, PipelineError> { Ok(t.narrow(0, b, b)?) };
+        let b = self.batch;
         Ok((
-            half(&context)?,
+            conditional_half(&context, b)?,
             added
                 .map(|a| -> Result<AddedConditions, PipelineError> {
                     Ok(AddedConditions {
-                        text_embeds: half(&a.text_embeds)?,
-                        time_ids: half(&a.time_ids)?,
+                        text_embeds: conditional_half(&a.text_embeds, b)?,
+                        time_ids: conditional_half(&a.time_ids, b)?,
                     })
                 })
                 .transpose()?,
@@ -581,6 +573,16 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
         s.after_step_plan()?;
     }
     Ok(ms)
+}
+
+/// The conditional half (`[negative; positive]` → positive) of a CFG-batched tensor of `batch`
+/// images; a tensor that is not doubled is already conditional-only.
+fn conditional_half(t: &Tensor, batch: usize) -> Result<Tensor, PipelineError> {
+    Ok(if t.dim(0)? == 2 * batch {
+        t.narrow(0, batch, batch)?
+    } else {
+        t.clone()
+    })
 }
 
 /// Each adapter's UNet scale for every row of this call (`None`: no row uses it), in the rows'

@@ -347,14 +347,14 @@ fn validate_guidance_plan(plan: Option<&proto::GuidancePlan>) -> Result<Guidance
 /// Per-step lists against the run's timestep count `n`: the guidance schedule and each LoRA
 /// schedule hold `n` values, and a cutoff index is a step of the run.
 pub fn check_schedules(params: &GenerateParams, n: usize) -> Result<(), EngineError> {
-    if let Some(s) = &params.guidance_plan.schedule {
-        if s.len() != n {
-            return Err(invalid(
-                "guidance_plan.schedule",
-                format!("{} values for {n} timesteps (one per step)", s.len()),
-            ));
-        }
-    }
+    let one_per_step = |field: &str, s: &Option<Vec<f64>>| match s {
+        Some(s) if s.len() != n => Err(invalid(
+            field,
+            format!("{} values for {n} timesteps (one per step)", s.len()),
+        )),
+        _ => Ok(()),
+    };
+    one_per_step("guidance_plan.schedule", &params.guidance_plan.schedule)?;
     if let Some(Cutoff::Index(i)) = params.guidance_plan.cfg_cutoff {
         if i >= n {
             return Err(invalid(
@@ -364,14 +364,7 @@ pub fn check_schedules(params: &GenerateParams, n: usize) -> Result<(), EngineEr
         }
     }
     for (i, l) in params.loras.iter().enumerate() {
-        if let Some(s) = &l.schedule {
-            if s.len() != n {
-                return Err(invalid(
-                    &format!("loras[{i}].schedule"),
-                    format!("{} values for {n} timesteps (one per step)", s.len()),
-                ));
-            }
-        }
+        one_per_step(&format!("loras[{i}].schedule"), &l.schedule)?;
     }
     Ok(())
 }

@@ -1,14 +1,14 @@
 //! Single-file checkpoints in the original Stable Diffusion layout (LDM, as A1111, ComfyUI and
 //! model sites publish them), served as if they were diffusers folders.
 //!
-//! The header is read once; each tensor is then read by position ([`file`]), through a
+//! The header is read once; each tensor is then read by position
+//! ([`TensorFile`](super::tensor_file::TensorFile)), through a
 //! [`VarBuilder`] backend that turns the diffusers name a model asks for into the checkpoint's
 //! key ([`keys`]), so the networks are the same code as for folders and give the same numbers.
 //! The configs come from `--model-config DIR` (a diffusers folder of the same architecture) or
 //! are inferred from the keys and shapes ([`infer`]); the tokenizers from that folder or from
 //! the CLIP tokenizer files compiled into the binary.
 
-mod file;
 mod infer;
 mod keys;
 
@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::pipeline_model::Family;
+use super::tensor_file::TensorFile;
 use super::{ModelError, Result};
 use keys::Take;
 
@@ -75,7 +76,7 @@ impl Component {
 pub struct Checkpoint {
     path: PathBuf,
     family: Family,
-    tensors: file::TensorFile,
+    tensors: TensorFile,
     /// Every key with its shape, for lookups and inference without touching tensor data.
     shapes: BTreeMap<String, Vec<usize>>,
     /// `(relative path, bytes)`: `model_index.json`, the component configs, the tokenizers.
@@ -102,7 +103,7 @@ impl Checkpoint {
     /// Opens `path` (a `.safetensors` file in the original layout), recognises its family and
     /// gathers or infers its configs.
     pub fn open(path: &Path, options: &CheckpointOptions) -> Result<Checkpoint> {
-        let tensors = file::TensorFile::open(path).map_err(|e| ModelError::NotAModel {
+        let tensors = TensorFile::open(path).map_err(|e| ModelError::NotAModel {
             path: path.display().to_string(),
             reason: format!("not a readable safetensors file ({e})"),
         })?;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::tensor_file::TensorFile;
+
 pub use layer::{LoraScales, LoraSlot, Scale};
 
 /// What can go wrong reading or attaching a LoRA.
@@ -134,26 +136,6 @@ pub struct LoraFile {
     pub pairs: Vec<Pair>,
 }
 
-fn header_metadata(path: &Path) -> Option<HashMap<String, String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).ok()?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return None;
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).ok()?;
-    let v: Value = serde_json::from_slice(&header).ok()?;
-    let meta = v.get("__metadata__")?.as_object()?;
-    Some(
-        meta.iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-            .collect(),
-    )
-}
-
 /// The per-component PEFT settings diffusers stores in `lora_adapter_metadata`.
 #[derive(Debug, Default)]
 struct PeftSettings {
@@ -162,7 +144,7 @@ struct PeftSettings {
     rslora: bool,
 }
 
-fn peft_settings(meta: &HashMap<String, String>, component: &str) -> PeftSettings {
+fn peft_settings(meta: &BTreeMap<String, String>, component: &str) -> PeftSettings {
     let Some(v) = meta
         .get("lora_adapter_metadata")
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
@@ -202,8 +184,12 @@ impl LoraFile {
                 "a Python pickle: loading one can run arbitrary code; use the .safetensors file",
             ));
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        let file = TensorFile::open(path)
             .map_err(|e| unreadable(format!("not a readable safetensors file ({e})")))?;
+        let tensors: HashMap<String, Tensor> = file
+            .names()
+            .map(|n| Ok((n.to_string(), file.load(n)?)))
+            .collect::<candle_core::Result<_>>()?;
         let keys: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
         if keys
             .iter()
@@ -227,10 +213,9 @@ impl LoraFile {
         } else if keys.iter().any(|k| {
             k.contains(".lora_A.") || k.contains(".lora.down.") || k.contains(".lora_A.default.")
         }) {
-            let meta = header_metadata(path).unwrap_or_default();
             (
                 LoraFormat::Diffusers,
-                diffusers_pairs(&tensors, &meta, &unsupported)?,
+                diffusers_pairs(&tensors, file.metadata(), &unsupported)?,
             )
         } else if keys.iter().any(|k| k.contains("_lora.down.")) {
             return Err(unsupported(
@@ -330,7 +315,7 @@ fn kohya_pairs(
 
 fn diffusers_pairs(
     tensors: &HashMap<String, Tensor>,
-    meta: &HashMap<String, String>,
+    meta: &BTreeMap<String, String>,
     unsupported: &Unsupported,
 ) -> Result<Vec<Pair>, LoraError> {
     let mut modules: BTreeMap<(Target, String), Parts> = BTreeMap::new();

@@ -22,10 +22,11 @@ struct Entry {
 
 /// An open safetensors file.
 #[derive(Debug)]
-pub(super) struct TensorFile {
+pub(crate) struct TensorFile {
     file: File,
     data_start: u64,
     entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
 }
 
 fn dtype_of(s: &str) -> Option<DType> {
@@ -43,7 +44,7 @@ fn dtype_of(s: &str) -> Option<DType> {
 
 impl TensorFile {
     /// Opens `path` and reads its header; every tensor's range is checked against the file.
-    pub(super) fn open(path: &Path) -> Result<TensorFile, String> {
+    pub(crate) fn open(path: &Path) -> Result<TensorFile, String> {
         let file = File::open(path).map_err(|e| e.to_string())?;
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         let mut n = [0u8; 8];
@@ -61,8 +62,16 @@ impl TensorFile {
         let map = header.as_object().ok_or("header is not a JSON object")?;
         let data_start = 8 + n;
         let mut entries = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
         for (name, v) in map {
             if name == "__metadata__" {
+                // Writers put strings here (diffusers: `lora_adapter_metadata`, JSON in a string).
+                if let Some(m) = v.as_object() {
+                    metadata.extend(
+                        m.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))),
+                    );
+                }
                 continue;
             }
             let bad = |what: &str| format!("tensor `{name}`: {what}");
@@ -112,11 +121,22 @@ impl TensorFile {
             file,
             data_start,
             entries,
+            metadata,
         })
     }
 
+    /// The header's `__metadata__` strings.
+    pub(crate) fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every tensor name, sorted.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
     /// Every tensor name with its shape.
-    pub(super) fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+    pub(crate) fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.entries
             .iter()
             .map(|(k, e)| (k.clone(), e.shape.clone()))
@@ -124,7 +144,7 @@ impl TensorFile {
     }
 
     /// One tensor, on the CPU, in its stored dtype.
-    pub(super) fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+    pub(crate) fn load(&self, name: &str) -> candle_core::Result<Tensor> {
         let e = self
             .entries
             .get(name)
