@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::session::{ok_reply, Session};
-use common::{rel_diff, unwire, wire, Case};
+use common::{rel_diff, unwire, Case};
 use stepstream::models::checkpoint::{Checkpoint, CheckpointOptions};
 use stepstream::models::{hub, ModelError, ModelSource};
 use stepstream::proto::{self, server_message::Kind};
@@ -53,24 +53,8 @@ async fn run(
     p: &Params<'_>,
 ) -> Run {
     let request = proto::GenerateRequest {
-        model: p.model.to_string(),
-        prompt: "a photo of an astronaut riding a horse on mars".into(),
         negative_prompt: p.negative_prompt.clone(),
-        num_inference_steps: 10,
-        guidance_scale: Some(7.5),
-        width: Some(64),
-        height: Some(64),
-        scheduler: p.scheduler.into(),
-        latents: Some(wire(&p.init)),
-        callback: Some(proto::CallbackOptions {
-            tensor_inputs: vec!["latents".into()],
-            ..Default::default()
-        }),
-        output: Some(proto::OutputOptions {
-            format: proto::ImageFormat::Png as i32,
-            return_latents: true,
-        }),
-        ..Default::default()
+        ..common::preset_request(p.model, p.scheduler, &p.init, &["latents"])
     };
     let mut session = Session::start(client, request).await.expect("accepted");
     let mut steps = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::session::{ok_reply, Session};
-use common::{rel_diff, unwire, wire, Case};
+use common::{rel_diff, unwire, Case};
 use stepstream::models::ModelSource;
 use stepstream::proto::{self, guidance_plan::CfgCutoff, server_message::Kind};
 use tonic::Code;
@@ -28,23 +28,8 @@ async fn server() -> common::server::TestServer {
 
 fn request(model: &str, scheduler: &str, init: &Tensor, guidance: f32) -> proto::GenerateRequest {
     proto::GenerateRequest {
-        model: model.into(),
-        prompt: "a photo of an astronaut riding a horse on mars".into(),
-        num_inference_steps: 10,
         guidance_scale: Some(guidance),
-        width: Some(64),
-        height: Some(64),
-        scheduler: scheduler.into(),
-        latents: Some(wire(init)),
-        callback: Some(proto::CallbackOptions {
-            tensor_inputs: vec!["latents".into(), "prompt_embeds".into()],
-            ..Default::default()
-        }),
-        output: Some(proto::OutputOptions {
-            format: proto::ImageFormat::Png as i32,
-            return_latents: true,
-        }),
-        ..Default::default()
+        ..common::preset_request(model, scheduler, init, &["latents", "prompt_embeds"])
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::session::{ok_reply, Session};
-use common::{rel_diff, unwire, wire};
+use common::{rel_diff, unwire};
 use stepstream::models::lora::{LoraError, LoraFile};
 use stepstream::models::pipeline_model::StableDiffusionModel;
 use stepstream::models::ModelSource;
@@ -71,24 +71,8 @@ fn recording_of(folder: &str, name: &str) -> Recording {
 
 fn request(init: &Tensor, loras: Vec<proto::LoraRequest>) -> proto::GenerateRequest {
     proto::GenerateRequest {
-        model: "tiny-sd15".into(),
-        prompt: "a photo of an astronaut riding a horse on mars".into(),
-        num_inference_steps: 10,
-        guidance_scale: Some(7.5),
-        width: Some(64),
-        height: Some(64),
-        scheduler: "ddim".into(),
-        latents: Some(wire(init)),
-        callback: Some(proto::CallbackOptions {
-            tensor_inputs: vec!["latents".into()],
-            ..Default::default()
-        }),
-        output: Some(proto::OutputOptions {
-            format: proto::ImageFormat::Png as i32,
-            return_latents: true,
-        }),
         loras,
-        ..Default::default()
+        ..common::preset_request("tiny-sd15", "ddim", init, &["latents"])
     }
 }
 

@@ -126,6 +126,37 @@ pub mod server;
 pub mod session;
 pub mod venv;
 
+/// A request for the golden preset (the recorded prompt, 10 steps, guidance 7.5, 64×64, PNG and
+/// latents back) from initial latents `init`, answering a StepEnd with `tensor_inputs` at every
+/// step.
+pub fn preset_request(
+    model: &str,
+    scheduler: &str,
+    init: &Tensor,
+    tensor_inputs: &[&str],
+) -> stepstream::proto::GenerateRequest {
+    use stepstream::proto;
+    proto::GenerateRequest {
+        model: model.into(),
+        prompt: "a photo of an astronaut riding a horse on mars".into(),
+        num_inference_steps: 10,
+        guidance_scale: Some(7.5),
+        width: Some(64),
+        height: Some(64),
+        scheduler: scheduler.into(),
+        latents: Some(wire(init)),
+        callback: Some(proto::CallbackOptions {
+            tensor_inputs: tensor_inputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        output: Some(proto::OutputOptions {
+            format: proto::ImageFormat::Png as i32,
+            return_latents: true,
+        }),
+        ..Default::default()
+    }
+}
+
 /// The largest difference, in 1/255 steps, between a PNG's RGB values and a reference PNG file's.
 pub fn png_max_diff(png: &[u8], reference: &std::path::Path) -> u8 {
     let ours = image::load_from_memory(png).expect("a PNG").to_rgb8();
