@@ -47,8 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         num_inference_steps: steps,
         seed: Some(0),
         // diffusers' callback_on_step_end_tensor_inputs=["prompt_embeds"]. Every step waits for
-        // the closure, as in diffusers; `CfgCutoff::ratio(0.4).subscription_for(n)` would make
-        // only the cutoff step wait.
+        // the closure, as in diffusers; `Client::generate_with_steps` with
+        // `CfgCutoff::selection` would make only the cutoff step wait.
         callback: Some(proto::CallbackOptions {
             tensor_inputs: vec!["prompt_embeds".into()],
             ..Default::default()

@@ -295,8 +295,8 @@ struct GenerateArgs {
     #[arg(long, env = "STEPSTREAM_SCHEDULER", default_value = "")]
     scheduler: String,
     /// Turn classifier-free guidance off after this fraction of the steps (e.g. 0.4): the client
-    /// answers every step and, at step int(num_timesteps * RATIO), sends guidance 0 and the
-    /// conditional half of prompt_embeds.
+    /// watches every step and, at step int(num_timesteps * RATIO) (from the run's timesteps, the
+    /// only step that waits for it), sends guidance 0 and the conditional half of prompt_embeds.
     #[arg(long, env = "STEPSTREAM_CFG_CUTOFF", conflicts_with = "observe")]
     cfg_cutoff: Option<f64>,
     /// Watch every step (progress bar with each step's time) without ever making the server
@@ -692,12 +692,17 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             .find(|m| m.id == id)
             .with_context(|| format!("the server has no model `{id}`"))?;
         let request = proto::GenerateRequest {
-            // Every step, so that the progress bar is exact; only the cutoff step changes anything.
             callback: Some(cutoff.subscription_for_model(model)),
             ..request
         };
+        // Every step is observed, so that the progress bar is exact; only the cutoff step,
+        // computed from the run's timesteps, waits for this client.
+        let select = |a: &proto::Accepted| proto::StepSelection {
+            reply_step_indices: cutoff.selection(a).step_indices,
+            ..Default::default()
+        };
         let done = client
-            .generate(request, |s| {
+            .generate_with_steps(request, select, |s| {
                 bar.step(s);
                 cutoff.apply(s)
             })

@@ -128,19 +128,23 @@ async fn dynamic_cfg_reproduces_the_golden_case_every_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cfg_cutoff_subscribed_to_its_step_only_blocks_once_and_matches() {
+async fn cfg_cutoff_chooses_its_step_from_accepted_blocks_once_and_matches() {
     let case = Case::load("tiny-sd15", "ddim-10-cfg-cutoff");
     let server = common::server::start(Default::default()).await;
     let mut client = client_for(&server).await;
     let cutoff = CfgCutoff::ratio(0.4);
     let mut req = request(&case, &[]);
-    req.callback = Some(cutoff.subscription_for(10));
+    req.callback = Some(cutoff.subscription());
     let mut calls = Vec::new();
     let done = client
-        .generate(req, |s| {
-            calls.push(s.step_index);
-            cutoff.apply(s)
-        })
+        .generate_with_steps(
+            req,
+            |a| cutoff.selection(a),
+            |s| {
+                calls.push(s.step_index);
+                cutoff.apply(s)
+            },
+        )
         .await
         .unwrap();
     assert_eq!(calls, vec![4]);

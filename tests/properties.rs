@@ -556,6 +556,8 @@ const REQUEST_FIELDS: &[&str] = &[
     "start.callback.on_timeout",
     "start.callback.wire_dtype",
     "start.callback.reply_step_indices",
+    "start.callback.step_indices",
+    "start.callback.every",
 ];
 
 /// Whether `field` is one a request's LoRAs are refused by: `start.loras[i].name`, `.scale`,
@@ -655,6 +657,7 @@ fn any_name() -> impl Strategy<Value = String> {
     prop_oneof![
         6 => prop::sample::select(vec![
             "latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids",
+            "noise_pred", "pred_original_sample",
         ]).prop_map(String::from),
         1 => "\\PC{0,12}",
     ]
@@ -675,6 +678,8 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
         any_enum_value(2),
         any_enum_value(3),
         prop::collection::vec(mostly(0..20u32, edgy_u32()), 0..3),
+        any::<bool>(),
+        prop::collection::vec(any_enum_value(3), 0..3),
     )
         .prop_map(
             |(
@@ -686,6 +691,8 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                 on_timeout,
                 wire_dtype,
                 reply_step_indices,
+                await_steps,
+                phases,
             )| {
                 proto::CallbackOptions {
                     tensor_inputs,
@@ -696,6 +703,8 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                     on_timeout,
                     wire_dtype,
                     reply_step_indices,
+                    await_steps,
+                    phases,
                 }
             },
         )
@@ -876,11 +885,19 @@ fn check_accepted(
         "an unknown scheduler",
     );
     if let Some(s) = &v.subscription {
+        let after_guidance = s.hooks.contains(&stepstream::engine::Hook::Guidance);
         expect(
-            s.tensor_inputs
-                .iter()
-                .all(|n| card.callback_tensor_inputs.contains(n)),
-            "a tensor input the model does not have",
+            s.tensor_inputs.iter().all(|n| {
+                card.callback_tensor_inputs.contains(n)
+                    || (after_guidance
+                        && stepstream::engine::GUIDANCE_TENSORS.contains(&n.as_str()))
+            }),
+            "a tensor input the model does not have at its phases",
+        );
+        expect(!s.hooks.is_empty(), "no phase");
+        expect(
+            !s.await_steps || (s.step_indices.is_empty() && s.reply_steps.is_empty()),
+            "steps given with await_steps",
         );
         let mut names = s.tensor_inputs.clone();
         names.sort();
@@ -928,6 +945,7 @@ proptest! {
                     REQUEST_FIELDS.contains(&field.as_str())
                         || is_lora_field(&field)
                         || field == "start.guidance_plan.cutoff_step_ratio"
+                        || field.starts_with("start.callback.phases[")
                         || field.starts_with("start.guidance_plan.interval_sigma_")
                         || field.starts_with("start.guidance_plan.schedule["),
                     "unexpected field `{}`", field

@@ -29,7 +29,10 @@
 //!     callback: Some(cutoff.subscription()),
 //!     ..Default::default()
 //! };
-//! let done = client.generate(request, |step| cutoff.apply(step)).await?;
+//! // The cutoff step is chosen from Accepted's timesteps: only that step waits for us.
+//! let done = client
+//!     .generate_with_steps(request, |a| cutoff.selection(a), |step| cutoff.apply(step))
+//!     .await?;
 //! std::fs::write("out.png", &done.images[0].data).unwrap();
 //! # Ok(()) }
 //! ```
@@ -211,6 +214,8 @@ pub fn conditional_half_tensor(t: &Tensor) -> Result<Tensor, ClientError> {
 pub struct StepState {
     /// diffusers' `step_index`.
     pub step_index: usize,
+    /// Where in the step this event is (STEP_END unless the request asked for other phases).
+    pub phase: proto::CallbackPhase,
     /// The step's timestep.
     pub timestep: f64,
     /// `pipe.num_timesteps`: the number of timesteps of this run.
@@ -298,26 +303,19 @@ impl CfgCutoff {
             CfgCutoff::Index(i) => i,
         }
     }
-    /// A blocking subscription to every step with `prompt_embeds` (what [`CfgCutoff::apply`]
-    /// needs when the number of timesteps is not known in advance).
+    /// A subscription with `prompt_embeds` whose steps come after Accepted
+    /// ([`Client::generate_with_steps`] with [`CfgCutoff::selection`]), so the cutoff step is
+    /// computed from the run's real timestep count.
     pub fn subscription(&self) -> proto::CallbackOptions {
         proto::CallbackOptions {
             tensor_inputs: vec!["prompt_embeds".into()],
+            await_steps: true,
             ..Default::default()
         }
     }
-    /// A subscription to the cutoff step only, for a run of `num_timesteps` timesteps (equal to
-    /// the steps for DDIM and Euler): the other steps never wait for this client.
-    pub fn subscription_for(&self, num_timesteps: usize) -> proto::CallbackOptions {
-        proto::CallbackOptions {
-            tensor_inputs: vec!["prompt_embeds".into()],
-            step_indices: vec![self.step(num_timesteps) as u32],
-            ..Default::default()
-        }
-    }
-    /// The same blocking subscription for `model`, naming every CFG-batched tensor it offers
-    /// (SDXL's `add_text_embeds` and `add_time_ids` must be halved with `prompt_embeds`, as
-    /// diffusers' `SDXLCFGCutoffCallback` does).
+    /// The same subscription for `model`, naming every CFG-batched tensor it offers (SDXL's
+    /// `add_text_embeds` and `add_time_ids` must be halved with `prompt_embeds`, as diffusers'
+    /// `SDXLCFGCutoffCallback` does).
     pub fn subscription_for_model(&self, model: &proto::ModelInfo) -> proto::CallbackOptions {
         proto::CallbackOptions {
             tensor_inputs: crate::pipeline::CFG_BATCHED
@@ -325,6 +323,15 @@ impl CfgCutoff {
                 .filter(|n| model.callback_tensor_inputs.iter().any(|m| m == *n))
                 .map(|n| n.to_string())
                 .collect(),
+            await_steps: true,
+            ..Default::default()
+        }
+    }
+    /// The steps for a run `accepted` describes: only the cutoff step sends an event, and waits.
+    pub fn selection(&self, accepted: &proto::Accepted) -> proto::StepSelection {
+        let step = self.step(accepted.timesteps.len()) as u32;
+        proto::StepSelection {
+            step_indices: vec![step],
             ..Default::default()
         }
     }
@@ -394,6 +401,7 @@ fn step_state(
     }
     Ok(StepState {
         step_index: s.step_index as usize,
+        phase: proto::CallbackPhase::try_from(s.phase).unwrap_or(proto::CallbackPhase::StepEnd),
         timestep: s.timestep,
         num_timesteps: s.num_timesteps as usize,
         guidance_scale: s.guidance_scale,
@@ -566,10 +574,52 @@ impl Client {
     /// [`ClientError::FailedAfterSteps`].
     pub async fn generate<F, E>(
         &mut self,
+        request: proto::GenerateRequest,
+        callback: F,
+    ) -> Result<proto::Completed, ClientError>
+    where
+        F: FnMut(&StepState) -> Result<StepChanges, E>,
+        E: Into<BoxError>,
+    {
+        self.generate_selecting(
+            request,
+            None::<fn(&proto::Accepted) -> proto::StepSelection>,
+            callback,
+        )
+        .await
+    }
+
+    /// [`Client::generate`] whose steps are chosen from `Accepted` (its timesteps and sigmas) by
+    /// `select`, before step 0 runs (`CallbackOptions.await_steps`; leave the request's
+    /// `step_indices`, `every` and `reply_step_indices` unset). A helper that acts at
+    /// `int(num_timesteps * ratio)` so never guesses the count.
+    pub async fn generate_with_steps<S, F, E>(
+        &mut self,
         mut request: proto::GenerateRequest,
+        select: S,
+        callback: F,
+    ) -> Result<proto::Completed, ClientError>
+    where
+        S: Fn(&proto::Accepted) -> proto::StepSelection,
+        F: FnMut(&StepState) -> Result<StepChanges, E>,
+        E: Into<BoxError>,
+    {
+        request
+            .callback
+            .get_or_insert_with(Default::default)
+            .await_steps = true;
+        self.generate_selecting(request, Some(select), callback)
+            .await
+    }
+
+    async fn generate_selecting<S, F, E>(
+        &mut self,
+        mut request: proto::GenerateRequest,
+        select: Option<S>,
         mut callback: F,
     ) -> Result<proto::Completed, ClientError>
     where
+        S: Fn(&proto::Accepted) -> proto::StepSelection,
         F: FnMut(&StepState) -> Result<StepChanges, E>,
         E: Into<BoxError>,
     {
@@ -580,7 +630,12 @@ impl Client {
         loop {
             let mut progress = None;
             match self
-                .generate_attempt(request.clone(), &mut callback, &mut progress)
+                .generate_attempt(
+                    request.clone(),
+                    select.as_ref(),
+                    &mut callback,
+                    &mut progress,
+                )
                 .await
             {
                 Ok(done) => return Ok(done),
@@ -594,13 +649,15 @@ impl Client {
     }
 
     /// One attempt of [`Client::generate`]; `progress` is set once the server accepts it.
-    async fn generate_attempt<F, E>(
+    async fn generate_attempt<S, F, E>(
         &mut self,
         request: proto::GenerateRequest,
+        select: Option<&S>,
         mut callback: F,
         progress: &mut Option<Progress>,
     ) -> Result<proto::Completed, ClientError>
     where
+        S: Fn(&proto::Accepted) -> proto::StepSelection,
         F: FnMut(&StepState) -> Result<StepChanges, E>,
         E: Into<BoxError>,
     {
@@ -624,6 +681,7 @@ impl Client {
             })?;
             let mut reply = proto::StepReply {
                 step_index: step.step_index,
+                phase: step.phase,
                 guidance_scale: changes.guidance_scale,
                 interrupt: changes.interrupt,
                 ..Default::default()
@@ -641,6 +699,13 @@ impl Client {
             match msg.kind {
                 Some(server_message::Kind::Accepted(a)) => {
                     progress.get_or_insert_with(Progress::default).accepted(&a);
+                    if let Some(select) = select {
+                        tx.send(proto::ClientMessage {
+                            kind: Some(client_message::Kind::Steps(select(&a))),
+                        })
+                        .await
+                        .map_err(|_| closed())?;
+                    }
                     accepted = Some(Arc::new(a));
                 }
                 Some(server_message::Kind::StepEnd(s)) => {
@@ -662,6 +727,15 @@ impl Client {
                     last = Some(s);
                 }
                 Some(server_message::Kind::ReplyRejected(r)) => {
+                    if r.field.starts_with("steps") {
+                        // The selector's answer is a function of Accepted: asking again gives
+                        // the same one.
+                        return Err(ClientError::ReplyRejected {
+                            step_index: r.step_index,
+                            field: r.field,
+                            reason: r.reason,
+                        });
+                    }
                     let (Some(step), Some(acc)) = (&last, &accepted) else {
                         return Err(ClientError::Protocol(
                             "ReplyRejected before any StepEnd".into(),
@@ -877,6 +951,7 @@ mod tests {
     fn state(step: usize, cfg: bool, batch: usize) -> StepState {
         StepState {
             step_index: step,
+            phase: proto::CallbackPhase::StepEnd,
             timestep: 0.0,
             num_timesteps: 10,
             guidance_scale: if cfg { 7.5 } else { 0.0 },
@@ -895,7 +970,12 @@ mod tests {
     #[test]
     fn cfg_cutoff_acts_once_and_only_under_cfg() {
         let c = CfgCutoff::ratio(0.4);
-        assert_eq!(c.subscription_for(10).step_indices, vec![4]);
+        let pndm = proto::Accepted {
+            timesteps: vec![0.0; 11],
+            ..Default::default()
+        };
+        assert_eq!(c.selection(&pndm).step_indices, vec![4]);
+        assert!(c.subscription().await_steps);
         let none = c.apply(&state(3, true, 4)).unwrap();
         assert!(none.guidance_scale.is_none() && none.tensors.is_empty());
         let at = c.apply(&state(4, true, 4)).unwrap();

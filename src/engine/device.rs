@@ -288,7 +288,7 @@ fn go_live<'m>(
         max_tensor_bytes: config.max_tensor_bytes,
     };
     let mut l = Live::new(meta, session, subscription, link, accepted);
-    if let Err(e) = l.flush(Instant::now()) {
+    if let Err(e) = l.start(Instant::now()) {
         end(&mut l, e, metrics);
     }
     Some(l)
@@ -411,7 +411,7 @@ fn run_call(live: &mut [Live<'_>], indices: &[usize], metrics: &Metrics) {
     let now = Instant::now();
     for l in members {
         let r = match &result {
-            Ok(_) => l.after_step(now, metrics),
+            Ok(_) => l.after_unet(now, metrics),
             Err(e) => Err(e.clone()),
         };
         if let Err(e) = r {

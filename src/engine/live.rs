@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
-use super::{EngineError, SessionLink, Slot, StopReason};
+use super::subscription::{Hook, Subscription, GUIDANCE_TENSORS};
+use super::{ClientInput, EngineError, SessionLink, Slot, StopReason};
 use crate::metrics::Metrics;
 use crate::pipeline::check_lora_scale;
 use crate::pipeline::sd::GenerationOutput;
@@ -18,53 +19,16 @@ use crate::pipeline::{validate_control, Session, StepControl, StepState};
 use crate::proto;
 use crate::proto::server_message::Kind;
 
-/// What a session subscribed to (the validated `CallbackOptions`).
-#[derive(Clone, Debug)]
-pub struct Subscription {
-    /// Tensors sent with each StepEnd and replaceable in replies.
-    pub tensor_inputs: Vec<String>,
-    /// Explicit steps (sorted, unique); empty means every `every`-th step.
-    pub step_indices: Vec<u32>,
-    /// Report every `every`-th step when `step_indices` is empty (0 and 1: every step).
-    pub every: u32,
-    /// Events only; never wait for replies.
-    pub observe_only: bool,
-    /// The steps that wait for a reply (sorted, unique); empty: every subscribed step.
-    pub reply_steps: Vec<u32>,
-    /// Deadline of each reply wait.
-    pub reply_timeout: Duration,
-    /// What to do when the deadline passes.
-    pub on_timeout: proto::TimeoutAction,
-    /// Dtype of tensors sent to the client.
-    pub wire_dtype: proto::DType,
-}
-
-impl Subscription {
-    /// Whether step `i` produces a StepEnd.
-    pub fn wants(&self, i: usize) -> bool {
-        if self.reply_steps.binary_search(&(i as u32)).is_ok() {
-            return true;
-        }
-        if !self.step_indices.is_empty() {
-            return self.step_indices.binary_search(&(i as u32)).is_ok();
-        }
-        self.every <= 1 || i % self.every as usize == 0
-    }
-
-    /// Whether step `i`'s StepEnd waits for a reply.
-    pub fn waits(&self, i: usize) -> bool {
-        !self.observe_only
-            && (self.reply_steps.is_empty() || self.reply_steps.binary_search(&(i as u32)).is_ok())
-    }
-}
-
 /// Where a live session stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Phase {
     /// Steps at the next tick (once its events are delivered).
     Ready,
-    /// Sent the StepEnd of `step_index` and waits for the reply until `until`.
+    /// Sent an event of `step_index` at `on` (or Accepted, for a step selection) and waits
+    /// for the client's answer until `until`.
     Waiting {
+        /// What the client must send.
+        on: Awaited,
         /// The step the reply answers.
         step_index: usize,
         /// When the wait began.
@@ -76,6 +40,15 @@ pub(super) enum Phase {
     Decode,
     /// Completed is queued; the session leaves once its events are delivered.
     Done,
+}
+
+/// What a waiting session waits for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Awaited {
+    /// A `StepSelection` (after Accepted, before step 0).
+    Steps,
+    /// A reply to the event sent at this hook.
+    Reply(Hook),
 }
 
 impl Phase {
@@ -117,7 +90,8 @@ pub(super) struct Live<'m> {
 }
 
 impl<'m> Live<'m> {
-    /// A session that has just been prepared; `accepted` is its first event.
+    /// A session that has just been prepared; `accepted` is its first event ([`Live::start`]
+    /// sends it).
     pub(super) fn new(
         meta: Meta,
         session: Session<'m>,
@@ -125,18 +99,34 @@ impl<'m> Live<'m> {
         link: SessionLink,
         accepted: Kind,
     ) -> Self {
-        let phase = Phase::stepping(&session);
         Self {
             meta,
             session: Some(session),
             sub,
             link,
-            phase,
+            phase: Phase::Ready,
             outbox: VecDeque::from([proto::ServerMessage {
                 kind: Some(accepted),
             }]),
             blocked_since: None,
             counted: false,
+        }
+    }
+
+    /// Sends Accepted, then waits for the step selection (`await_steps`) or enters step 0
+    /// (sending its STEP_BEGIN event if subscribed).
+    pub(super) fn start(&mut self, now: Instant) -> Result<(), EngineError> {
+        match &self.sub {
+            Some(sub) if sub.await_steps => {
+                self.phase = Phase::Waiting {
+                    on: Awaited::Steps,
+                    step_index: 0,
+                    since: now,
+                    until: now + sub.reply_timeout,
+                };
+                self.flush(now)
+            }
+            _ => self.enter_step(now),
         }
     }
 
@@ -267,6 +257,7 @@ impl<'m> Live<'m> {
         }
         self.flush(now)?;
         let Phase::Waiting {
+            on,
             step_index,
             since,
             until,
@@ -275,25 +266,26 @@ impl<'m> Live<'m> {
             return Ok(());
         };
         loop {
-            match self.link.replies.try_recv() {
-                Ok(reply) => match self.check(reply) {
-                    Ok(control) => {
-                        self.resume(now, since, Some(control), metrics)?;
-                        return Ok(());
-                    }
-                    Err((field, reason)) => {
-                        tracing::debug!(step_index, %field, %reason, "reply rejected");
-                        metrics.reply_rejections.fetch_add(1, Ordering::Relaxed);
-                        self.push(Kind::ReplyRejected(proto::ReplyRejected {
-                            step_index: step_index as u32,
-                            field,
-                            reason,
-                        }));
-                        self.flush(now)?;
-                    }
-                },
+            let answer = match self.link.replies.try_recv() {
+                Ok(input) => self.take(on, input),
                 Err(TryRecvError::Disconnected) => return Err(EngineError::Cancelled),
                 Err(TryRecvError::Empty) => break,
+            };
+            match answer {
+                Ok(control) => {
+                    self.resume(now, since, on, control, metrics)?;
+                    return Ok(());
+                }
+                Err((field, reason)) => {
+                    tracing::debug!(step_index, %field, %reason, "reply rejected");
+                    metrics.reply_rejections.fetch_add(1, Ordering::Relaxed);
+                    self.push(Kind::ReplyRejected(proto::ReplyRejected {
+                        step_index: step_index as u32,
+                        field,
+                        reason,
+                    }));
+                    self.flush(now)?;
+                }
             }
         }
         if now >= until {
@@ -305,7 +297,7 @@ impl<'m> Live<'m> {
                 .unwrap_or_default();
             if on_timeout == Some(proto::TimeoutAction::Continue) {
                 tracing::info!(step_index, "reply deadline passed; continuing unchanged");
-                self.resume(now, since, None, metrics)?;
+                self.resume(now, since, on, None, metrics)?;
             } else {
                 return Err(EngineError::ReplyTimeout {
                     step_index,
@@ -316,11 +308,12 @@ impl<'m> Live<'m> {
         Ok(())
     }
 
-    /// The wait is over: apply the reply (if any) and go on stepping, or decode.
+    /// The wait is over: apply the answer (if any) where the step stands, and go on.
     fn resume(
         &mut self,
         now: Instant,
         since: Instant,
+        on: Awaited,
         control: Option<StepControl>,
         metrics: &Metrics,
     ) -> Result<(), EngineError> {
@@ -328,11 +321,71 @@ impl<'m> Live<'m> {
         metrics.callback_wait.observe_ms(waited_ms);
         let session = self.session_mut()?;
         session.add_callback_wait(waited_ms);
-        if let Some(control) = control {
-            session.apply(control).map_err(EngineError::from)?;
+        match on {
+            // The selection was taken when it came (see `take`).
+            Awaited::Steps => self.enter_step(now),
+            // Applied to the step about to run (an interrupt skips it).
+            Awaited::Reply(Hook::Begin) => {
+                if let Some(control) = control {
+                    session.apply(control).map_err(EngineError::from)?;
+                }
+                let phase = Phase::stepping(session);
+                self.phase = phase;
+                Ok(())
+            }
+            // The scheduler step takes the replaced noise_pred; the rest applies from the next
+            // step on, after the server's plan (so a reply wins over it, as at STEP_END).
+            Awaited::Reply(Hook::Guidance) => {
+                let mut control = control.unwrap_or_default();
+                let noise_pred = control
+                    .tensors
+                    .iter()
+                    .position(|(n, _)| n == "noise_pred")
+                    .map(|i| control.tensors.remove(i).1);
+                session
+                    .finish_guided(noise_pred)
+                    .map_err(EngineError::from)?;
+                session.apply(control).map_err(EngineError::from)?;
+                self.at_end(now, metrics)
+            }
+            Awaited::Reply(Hook::End) => {
+                if let Some(control) = control {
+                    session.apply(control).map_err(EngineError::from)?;
+                }
+                self.enter_step(now)
+            }
         }
-        self.phase = Phase::stepping(session);
-        Ok(())
+    }
+
+    /// Takes one client input while waiting `on` something: the control to resume with, or
+    /// the (field, reason) to reject it with.
+    fn take(
+        &mut self,
+        on: Awaited,
+        input: ClientInput,
+    ) -> Result<Option<StepControl>, (String, String)> {
+        match (on, input) {
+            (Awaited::Steps, ClientInput::Steps(sel)) => {
+                let n = self.session.as_ref().map_or(0, |s| s.num_timesteps());
+                let sub = self
+                    .sub
+                    .as_mut()
+                    .ok_or_else(|| ("steps".to_string(), "no subscription".to_string()))?;
+                sub.select(&sel, n)?;
+                Ok(None)
+            }
+            (Awaited::Steps, ClientInput::Reply(_)) => Err((
+                "reply".into(),
+                "the server waits for the step selection (ClientMessage.steps) before step 0"
+                    .into(),
+            )),
+            (Awaited::Reply(_), ClientInput::Steps(_)) => Err((
+                "steps".into(),
+                "a step selection is taken only once, before step 0, with                  CallbackOptions.await_steps"
+                    .into(),
+            )),
+            (Awaited::Reply(hook), ClientInput::Reply(reply)) => self.check(hook, reply).map(Some),
+        }
     }
 
     fn session_mut(&mut self) -> Result<&mut Session<'m>, EngineError> {
@@ -341,14 +394,23 @@ impl<'m> Live<'m> {
             .ok_or_else(|| EngineError::Internal("the session has already finished".into()))
     }
 
-    /// Turns a wire reply into a control, or the (field, reason) to reject it with.
-    fn check(&self, reply: proto::StepReply) -> Result<StepControl, (String, String)> {
+    /// Turns a wire reply to the event at `hook` into a control, or the (field, reason) to
+    /// reject it with.
+    fn check(&self, hook: Hook, reply: proto::StepReply) -> Result<StepControl, (String, String)> {
         let (Some(session), Some(sub)) = (&self.session, &self.sub) else {
             return Err(("reply".into(), "no reply is expected".into()));
         };
-        let tensors = session.callback_tensors();
-        let Some(state) = session.step_state(&tensors) else {
-            return Err(("step_index".into(), "no step has run yet".into()));
+        let tensors = match hook {
+            Hook::Guidance => session.guided_tensors(),
+            Hook::Begin | Hook::End => session.callback_tensors(),
+        };
+        let state = match hook {
+            Hook::Begin => session.begin_state(&tensors),
+            Hook::Guidance => session.guided_state(&tensors),
+            Hook::End => session.step_state(&tensors),
+        };
+        let Some(state) = state else {
+            return Err(("step_index".into(), "no step is waiting".into()));
         };
         if reply.step_index as usize != state.step_index {
             return Err((
@@ -359,11 +421,41 @@ impl<'m> Live<'m> {
                 ),
             ));
         }
+        if Hook::from_wire(reply.phase) != Some(hook) {
+            return Err((
+                "phase".into(),
+                format!(
+                    "the server is waiting on {} of step {}, not {}",
+                    hook.name(),
+                    state.step_index,
+                    proto::CallbackPhase::try_from(reply.phase).map_or_else(
+                        |_| format!("phase {}", reply.phase),
+                        |p| p.as_str_name().into()
+                    )
+                ),
+            ));
+        }
         let mut replaced = Vec::with_capacity(reply.tensors.len());
         let mut names: Vec<&String> = reply.tensors.keys().collect();
         names.sort();
         for name in names {
             let field = format!("tensors[{name}]");
+            let guidance_only = GUIDANCE_TENSORS.contains(&name.as_str());
+            if (hook == Hook::Guidance) != (name == "noise_pred")
+                && sub.tensor_inputs.iter().any(|n| n == name)
+            {
+                return Err((
+                    field,
+                    match (hook, guidance_only) {
+                        (Hook::Guidance, false) => format!(
+                            "only noise_pred may be replaced at AFTER_GUIDANCE; replace {name} \
+                             at STEP_END or STEP_BEGIN"
+                        ),
+                        (Hook::Guidance, true) => format!("{name} is read-only"),
+                        _ => format!("{name} may be replaced only at AFTER_GUIDANCE"),
+                    },
+                ));
+            }
             if !sub.tensor_inputs.iter().any(|n| n == name) {
                 return Err((
                     field,
@@ -408,13 +500,48 @@ impl<'m> Live<'m> {
         Ok(control)
     }
 
-    /// After this session's step: its StepEnd when subscribed (then a wait, unless observe-only),
-    /// or straight on; decode once the loop is over.
-    pub(super) fn after_step(
+    /// After this session's UNet call: its AFTER_GUIDANCE event when the step was held for it
+    /// (then a wait, unless observe-only), else straight to the step's end.
+    pub(super) fn after_unet(
         &mut self,
         now: Instant,
         metrics: &Metrics,
     ) -> Result<(), EngineError> {
+        let session = self.session_mut()?;
+        if !session.is_guided() {
+            return self.at_end(now, metrics);
+        }
+        let tensors = session.guided_tensors();
+        let state = session
+            .guided_state(&tensors)
+            .ok_or_else(|| EngineError::Internal("no held step".into()))?;
+        let sub = self.sub.as_ref().ok_or_else(|| {
+            EngineError::Internal("a step was held without a subscription".into())
+        })?;
+        let event = event(&state, sub, Hook::Guidance)?;
+        let i = state.step_index;
+        let waits = sub.waits(i);
+        let until = now + sub.reply_timeout;
+        self.push(Kind::StepEnd(event));
+        if waits {
+            self.phase = Phase::Waiting {
+                on: Awaited::Reply(Hook::Guidance),
+                step_index: i,
+                since: now,
+                until,
+            };
+            self.flush(now)
+        } else {
+            self.session_mut()?
+                .finish_guided(None)
+                .map_err(EngineError::from)?;
+            self.at_end(now, metrics)
+        }
+    }
+
+    /// A step is over: its StepEnd when subscribed (then a wait, unless observe-only), else
+    /// on to the next step.
+    fn at_end(&mut self, now: Instant, metrics: &Metrics) -> Result<(), EngineError> {
         let session = self
             .session
             .as_ref()
@@ -424,21 +551,56 @@ impl<'m> Live<'m> {
             .step_state(&tensors)
             .ok_or_else(|| EngineError::Internal("no step state after a step".into()))?;
         metrics.step_latency.observe_ms(state.step_ms);
-        let mut next = Phase::stepping(session);
-        if let Some(sub) = &self.sub {
-            if sub.wants(state.step_index) {
-                let step_end = step_end(&state, sub)?;
-                if sub.waits(state.step_index) {
-                    next = Phase::Waiting {
-                        step_index: state.step_index,
-                        since: now,
-                        until: now + sub.reply_timeout,
-                    };
-                }
-                self.push(Kind::StepEnd(step_end));
+        let i = state.step_index;
+        if let Some(sub) = self.sub.as_ref().filter(|s| s.sends(Hook::End, i)) {
+            let event = event(&state, sub, Hook::End)?;
+            if sub.waits(i) {
+                self.phase = Phase::Waiting {
+                    on: Awaited::Reply(Hook::End),
+                    step_index: i,
+                    since: now,
+                    until: now + sub.reply_timeout,
+                };
+                self.push(Kind::StepEnd(event));
+                return self.flush(now);
             }
+            self.push(Kind::StepEnd(event));
         }
-        self.phase = next;
+        self.enter_step(now)
+    }
+
+    /// Before the next step (or decode, once the loop is over): its STEP_BEGIN event when
+    /// subscribed (then a wait, unless observe-only), and whether it holds after guidance.
+    fn enter_step(&mut self, now: Instant) -> Result<(), EngineError> {
+        let Some(session) = self.session.as_mut() else {
+            return Err(EngineError::Internal(
+                "the session has already finished".into(),
+            ));
+        };
+        if session.is_done() {
+            self.phase = Phase::Decode;
+            return self.flush(now);
+        }
+        let i = session.next_step();
+        let sub = self.sub.as_ref();
+        session.hold_after_guidance(sub.is_some_and(|s| s.sends(Hook::Guidance, i)));
+        self.phase = Phase::Ready;
+        if let Some(sub) = sub.filter(|s| s.sends(Hook::Begin, i)) {
+            let tensors = session.callback_tensors();
+            let state = session
+                .begin_state(&tensors)
+                .ok_or_else(|| EngineError::Internal("no step to begin".into()))?;
+            let event = event(&state, sub, Hook::Begin)?;
+            if sub.waits(i) {
+                self.phase = Phase::Waiting {
+                    on: Awaited::Reply(Hook::Begin),
+                    step_index: i,
+                    since: now,
+                    until: now + sub.reply_timeout,
+                };
+            }
+            self.push(Kind::StepEnd(event));
+        }
         self.flush(now)
     }
 
@@ -501,9 +663,13 @@ impl<'m> Live<'m> {
     }
 }
 
-/// The StepEnd of `state` for `sub`: only the subscribed tensors leave the device, in one
-/// transfer.
-fn step_end(state: &StepState<'_>, sub: &Subscription) -> Result<proto::StepEnd, EngineError> {
+/// The event of `state` at `hook` for `sub`: only the subscribed tensors leave the device, in
+/// one transfer.
+fn event(
+    state: &StepState<'_>,
+    sub: &Subscription,
+    hook: Hook,
+) -> Result<proto::StepEnd, EngineError> {
     let (names, subscribed): (Vec<&String>, Vec<&candle_core::Tensor>) = sub
         .tensor_inputs
         .iter()
@@ -520,5 +686,6 @@ fn step_end(state: &StepState<'_>, sub: &Subscription) -> Result<proto::StepEnd,
         tensors: names.into_iter().cloned().zip(encoded).collect(),
         reply_required: sub.waits(state.step_index),
         step_ms: state.step_ms,
+        phase: hook.proto() as i32,
     })
 }

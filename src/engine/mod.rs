@@ -22,10 +22,11 @@ mod device;
 mod doorbell;
 mod live;
 mod slot;
+mod subscription;
 
 pub use doorbell::Doorbell;
-pub use live::Subscription;
 pub use slot::{CancelFlag, Slot, StopReason};
+pub use subscription::{sorted, steps_in_range, Hook, Subscription, GUIDANCE_TENSORS};
 
 /// Errors of a request's life in the engine (and of its validation); the server maps each to a
 /// gRPC status in one place.
@@ -194,12 +195,22 @@ impl Verdict {
     }
 }
 
+/// What a client sends a live session after `start`.
+#[derive(Debug)]
+pub enum ClientInput {
+    /// The answer to an event that waits.
+    Reply(proto::StepReply),
+    /// The steps of a subscription with `await_steps`.
+    Steps(proto::StepSelection),
+}
+
 /// A session's end of a job: where events go and where replies come from.
 pub struct SessionLink {
     /// Events to the client (Accepted, StepEnd, ReplyRejected, Completed).
     pub events: mpsc::Sender<EngineEvent>,
-    /// The client's replies, in arrival order; closed when the client is gone.
-    pub replies: mpsc::Receiver<proto::StepReply>,
+    /// The client's replies and step selection, in arrival order; closed when the client is
+    /// gone.
+    pub replies: mpsc::Receiver<ClientInput>,
     /// Set when the client is gone.
     pub cancel: CancelFlag,
     /// Set by the loop when the session ends with an error.

@@ -57,9 +57,10 @@ pub enum CallbackError {
 /// The tensors a callback sees and may replace, by diffusers' names.
 pub type CallbackTensors = BTreeMap<String, Tensor>;
 
-/// The loop's state at the end of a step, as diffusers' callback sees it.
+/// The loop's state at a callback point, as diffusers' callback sees it: the end of a step
+/// (the default), its beginning, or after its guidance.
 pub struct StepState<'a> {
-    /// The step just finished (0-based).
+    /// The step just finished, or about to run or held (0-based).
     pub step_index: usize,
     /// Its timestep.
     pub timestep: f64,
@@ -185,7 +186,8 @@ pub fn validate_control(
         }
         let current = state.tensors.get(name);
         match name.as_str() {
-            "latents" => {
+            // The noise prediction (held after guidance) has the latents' shape.
+            "latents" | "noise_pred" => {
                 let cur = current.ok_or_else(|| Rejection::new(&field, "not available"))?;
                 if t.dims() != cur.dims() {
                     return Err(Rejection::new(

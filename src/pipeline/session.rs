@@ -57,6 +57,18 @@ struct LastStep {
     ms: f64,
 }
 
+/// A step held between guidance and its scheduler step (the AFTER_GUIDANCE phase).
+struct Guided {
+    /// The guided (and rescaled) noise prediction the scheduler step takes.
+    noise_pred: Tensor,
+    /// The UNet's unconditional and conditional halves, under CFG.
+    halves: Option<(Tensor, Tensor)>,
+    /// The scheduler's x0 estimate from `noise_pred`.
+    x0: Tensor,
+    cfg: bool,
+    ms: f64,
+}
+
 /// One generation between `prepare` and decode; see the module docs.
 pub struct Session<'m> {
     model: &'m StableDiffusionModel,
@@ -92,6 +104,10 @@ pub struct Session<'m> {
     guidance_interval: Option<(Option<f64>, Option<f64>)>,
     /// Each step's sigma.
     sigmas: Vec<f64>,
+    /// Whether the next step stops after guidance (see [`Session::hold_after_guidance`]).
+    hold_guidance: bool,
+    /// The step in progress, held after guidance.
+    guided: Option<Guided>,
 }
 
 impl<'m> Session<'m> {
@@ -125,7 +141,89 @@ impl<'m> Session<'m> {
             guidance_schedule: p.guidance_plan.schedule,
             guidance_interval: p.guidance_plan.interval,
             sigmas: p.sigmas,
+            hold_guidance: false,
+            guided: None,
         }
+    }
+
+    /// Whether the next [`step_batch`] stops this session after guidance, before its scheduler
+    /// step, so that the guided noise prediction can be read and replaced
+    /// ([`Session::guided_tensors`], then [`Session::finish_guided`]).
+    pub fn hold_after_guidance(&mut self, hold: bool) {
+        self.hold_guidance = hold;
+    }
+
+    /// Whether a step is held after guidance.
+    pub fn is_guided(&self) -> bool {
+        self.guided.is_some()
+    }
+
+    /// The tensors of the held step: the callback tensors (latents are x_t, the scheduler step's
+    /// input), `noise_pred`, `pred_original_sample` and, under CFG, `noise_pred_uncond` and
+    /// `noise_pred_text`. Empty when no step is held.
+    pub fn guided_tensors(&self) -> CallbackTensors {
+        let Some(g) = &self.guided else {
+            return CallbackTensors::new();
+        };
+        let mut m = self.callback_tensors();
+        m.insert("noise_pred".into(), g.noise_pred.clone());
+        m.insert("pred_original_sample".into(), g.x0.clone());
+        if let Some((uncond, text)) = &g.halves {
+            m.insert("noise_pred_uncond".into(), uncond.clone());
+            m.insert("noise_pred_text".into(), text.clone());
+        }
+        m
+    }
+
+    /// The state of the held step over `tensors` (from [`Session::guided_tensors`]).
+    pub fn guided_state<'a>(&self, tensors: &'a CallbackTensors) -> Option<StepState<'a>> {
+        let g = self.guided.as_ref()?;
+        Some(StepState {
+            step_index: self.next,
+            timestep: self.timesteps[self.next],
+            num_timesteps: self.timesteps.len(),
+            guidance_scale: self.guidance_scale,
+            do_classifier_free_guidance: g.cfg,
+            tensors,
+            step_ms: g.ms,
+            batch: self.batch,
+        })
+    }
+
+    /// The state before the next step's UNet (the STEP_BEGIN phase) over `tensors` (from
+    /// [`Session::callback_tensors`]): the guidance and CFG that step will use. `None` when the
+    /// loop is over.
+    pub fn begin_state<'a>(&self, tensors: &'a CallbackTensors) -> Option<StepState<'a>> {
+        if self.is_done() {
+            return None;
+        }
+        Some(StepState {
+            step_index: self.next,
+            timestep: self.timesteps[self.next],
+            num_timesteps: self.timesteps.len(),
+            guidance_scale: self.guidance_scale,
+            do_classifier_free_guidance: self.cfg(),
+            tensors,
+            step_ms: 0.0,
+            batch: self.batch,
+        })
+    }
+
+    /// Ends the held step: its scheduler step on `noise_pred` (a replacement, else the guided
+    /// prediction), then the step's bookkeeping and the server's plan.
+    pub fn finish_guided(&mut self, noise_pred: Option<Tensor>) -> Result<(), PipelineError> {
+        let Some(g) = self.guided.take() else {
+            return Err(PipelineError::InvalidRequest {
+                field: "noise_pred".into(),
+                reason: "no step is held after guidance".into(),
+            });
+        };
+        let eps = match noise_pred {
+            Some(t) => t.to_dtype(DType::F32)?.to_device(&self.model.device)?,
+            None => g.noise_pred,
+        };
+        self.advance(&eps)?;
+        self.end_step(g.cfg, g.ms, Instant::now())
     }
 
     /// The LoRAs this session applies, with their current scales.
@@ -402,25 +500,47 @@ impl<'m> Session<'m> {
         Ok(x.to_dtype(self.model.dtype)?)
     }
 
-    /// Guidance and the scheduler step on this session's slice of the UNet output.
-    fn finish_step(&mut self, eps: &Tensor, cfg: bool) -> Result<(), PipelineError> {
-        let eps = if cfg {
-            let b = self.batch;
-            let uncond = eps.narrow(0, 0, b)?;
-            let text = eps.narrow(0, b, b)?;
-            let guided = (&uncond + ((&text - &uncond)? * self.guidance_scale)?)?;
-            if self.guidance_rescale > 0.0 {
-                rescale_noise_cfg(&guided, &text, self.guidance_rescale)?
-            } else {
-                guided
-            }
+    /// Guidance (and rescale) on this session's slice of the UNet output: the noise prediction
+    /// and, under CFG, the two halves it came from.
+    fn guide(
+        &self,
+        eps: &Tensor,
+        cfg: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>), PipelineError> {
+        if !cfg {
+            return Ok((eps.clone(), None));
+        }
+        let b = self.batch;
+        let uncond = eps.narrow(0, 0, b)?;
+        let text = eps.narrow(0, b, b)?;
+        let guided = (&uncond + ((&text - &uncond)? * self.guidance_scale)?)?;
+        let guided = if self.guidance_rescale > 0.0 {
+            rescale_noise_cfg(&guided, &text, self.guidance_rescale)?
         } else {
-            eps.clone()
+            guided
         };
+        Ok((guided, Some((uncond, text))))
+    }
+
+    /// The scheduler step of the step in progress on the noise prediction `eps`.
+    fn advance(&mut self, eps: &Tensor) -> Result<(), PipelineError> {
         self.latents = self
             .scheduler
-            .step(&eps, self.next, &self.latents, self.noise.as_mut())?;
+            .step(eps, self.next, &self.latents, self.noise.as_mut())?;
         Ok(())
+    }
+
+    /// The step in progress is over: record it, move on, and run the server's plan.
+    fn end_step(&mut self, cfg: bool, ms: f64, done_at: Instant) -> Result<(), PipelineError> {
+        self.last = Some(LastStep {
+            index: self.next,
+            timestep: self.timesteps[self.next],
+            cfg,
+            ms,
+        });
+        self.next += 1;
+        self.last_step_done_at = Some(done_at);
+        self.after_step_plan()
     }
 
     /// Decodes (when the request asked for images) and reports the run.
@@ -486,7 +606,7 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
     let key = first.batch_key();
     if let Some(s) = sessions
         .iter()
-        .find(|s| s.batch_key() != key || s.is_done())
+        .find(|s| s.batch_key() != key || s.is_done() || s.is_guided())
     {
         return Err(PipelineError::InvalidRequest {
             field: "batch".into(),
@@ -551,7 +671,23 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
             eps.narrow(0, row, n)?
         };
         row += n;
-        s.finish_step(&slice, cfg)?;
+        let (noise_pred, halves) = s.guide(&slice, cfg)?;
+        if s.hold_guidance {
+            // Held for the AFTER_GUIDANCE phase: x0 now, while the scheduler state is the
+            // step's own; the scheduler step waits for finish_guided.
+            let x0 = s
+                .scheduler
+                .pred_original_sample(&noise_pred, s.next, &s.latents)?;
+            s.guided = Some(Guided {
+                noise_pred,
+                halves,
+                x0,
+                cfg,
+                ms: 0.0,
+            });
+        } else {
+            s.advance(&noise_pred)?;
+        }
     }
     if sync && !model.device.is_cpu() {
         // The one device synchronisation of a step that a callback reads: the kernels finish
@@ -562,15 +698,10 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let done_at = Instant::now();
     for (s, &cfg) in sessions.iter_mut().zip(&cfgs) {
-        s.last = Some(LastStep {
-            index: s.next,
-            timestep: s.timesteps[s.next],
-            cfg,
-            ms,
-        });
-        s.next += 1;
-        s.last_step_done_at = Some(done_at);
-        s.after_step_plan()?;
+        match &mut s.guided {
+            Some(g) => g.ms = ms,
+            None => s.end_step(cfg, ms, done_at)?,
+        }
     }
     Ok(ms)
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::{Result, SchedulerError};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on CPU: float32 step, the first half
@@ -319,6 +319,44 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
+}
+
+/// The x0 prediction in alpha space, float32: from `model_output` at a step whose noise
+/// level is `alpha_t = sqrt(alphabar_t)`, `sigma_t = sqrt(1 - alphabar_t)` (DDIM, DDPM, LCM,
+/// PNDM, and the multistep solvers' `convert_model_output`).
+pub fn x0_alpha(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+    sigma_t: f32,
+) -> Result<Tensor> {
+    Ok(match prediction_type {
+        PredictionType::Epsilon => {
+            div_scalar(&(sample - mul_scalar(model_output, sigma_t)?)?, alpha_t)?
+        }
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::VPrediction => {
+            (mul_scalar(sample, alpha_t)? - mul_scalar(model_output, sigma_t)?)?
+        }
+    })
+}
+
+/// The x0 prediction in sigma space (Euler-type samplers, whose `sample` is unscaled), float32.
+pub fn x0_sigma(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    Ok(match prediction_type {
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::Epsilon => (sample - mul_scalar(model_output, sigma)?)?,
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            (mul_scalar(model_output, c_out)? + div_scalar(sample, sigma * sigma + 1.0)?)?
+        }
+    })
 }
 
 /// `lambda = ln(alpha) - ln(sigma)` in float32 (`+inf` at sigma 0).

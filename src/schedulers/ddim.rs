@@ -98,6 +98,21 @@ impl DdimScheduler {
         }
     }
 
+    /// `pred_original_sample` (clipped when `clip_sample` is set), float32.
+    fn x0(&self, model_output: &Tensor, sample: &Tensor, alpha_prod_t: f32) -> Result<Tensor> {
+        let x0 = common::x0_alpha(
+            self.prediction_type,
+            model_output,
+            sample,
+            alpha_prod_t.sqrt(),
+            (1.0 - alpha_prod_t).sqrt(),
+        )?;
+        Ok(match self.clip_sample {
+            Some(range) => x0.clamp(-range, range)?,
+            None => x0,
+        })
+    }
+
     /// The step's `(alpha_prod_t, alpha_prod_t_prev)`.
     fn alphas_at(&self, step_index: usize) -> Result<(f32, f32)> {
         let t = *self
@@ -124,6 +139,17 @@ impl super::Scheduler for DdimScheduler {
         &self.timesteps
     }
 
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let (alpha_prod_t, _) = self.alphas_at(step_index)?;
+        let x0 = self.x0(&to_f32(model_output)?, &to_f32(sample)?, alpha_prod_t)?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -136,26 +162,17 @@ impl super::Scheduler for DdimScheduler {
         let model_output = to_f32(model_output)?;
         let sample = to_f32(sample)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
+        let pred_original_sample = self.x0(&model_output, &sample, alpha_prod_t)?;
         let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-
-        let (mut pred_original_sample, pred_epsilon) = match self.prediction_type {
-            PredictionType::Epsilon => {
-                let x0 = div_scalar(&(&sample - mul_scalar(&model_output, sqrt_b)?)?, sqrt_a)?;
-                (x0, model_output.clone())
-            }
+        let pred_epsilon = match self.prediction_type {
+            PredictionType::Epsilon => model_output.clone(),
             PredictionType::Sample => {
-                let eps = div_scalar(&(&sample - mul_scalar(&model_output, sqrt_a)?)?, sqrt_b)?;
-                (model_output.clone(), eps)
+                div_scalar(&(&sample - mul_scalar(&model_output, sqrt_a)?)?, sqrt_b)?
             }
             PredictionType::VPrediction => {
-                let x0 = (mul_scalar(&sample, sqrt_a)? - mul_scalar(&model_output, sqrt_b)?)?;
-                let eps = (mul_scalar(&model_output, sqrt_a)? + mul_scalar(&sample, sqrt_b)?)?;
-                (x0, eps)
+                (mul_scalar(&model_output, sqrt_a)? + mul_scalar(&sample, sqrt_b)?)?
             }
         };
-        if let Some(range) = self.clip_sample {
-            pred_original_sample = pred_original_sample.clamp(-range, range)?;
-        }
 
         // _get_variance(timestep, prev_timestep)
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, div_scalar, mul_scalar, to_f32};
+use super::common::{self, mul_scalar, to_f32};
 use super::config::{PredictionType, TimestepSpacing, VarianceType};
 use super::{Result, SchedulerConfig, SchedulerError};
 use crate::rng::NoiseSource;
@@ -84,6 +84,21 @@ impl DdpmScheduler {
         &self.alphas_cumprod
     }
 
+    /// `pred_original_sample` (clipped when `clip_sample` is set), float32.
+    fn x0(&self, model_output: &Tensor, sample: &Tensor, alpha_prod_t: f32) -> Result<Tensor> {
+        let x0 = common::x0_alpha(
+            self.prediction_type,
+            model_output,
+            sample,
+            alpha_prod_t.sqrt(),
+            (1.0 - alpha_prod_t).sqrt(),
+        )?;
+        Ok(match self.clip_sample {
+            Some(range) => x0.clamp(-range, range)?,
+            None => x0,
+        })
+    }
+
     /// The scalars `step` uses at `step_index`.
     pub fn coefficients(&self, step_index: usize) -> Result<DdpmCoefficients> {
         let len = self.int_timesteps.len();
@@ -141,6 +156,17 @@ impl super::Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let c = self.coefficients(step_index)?;
+        let x0 = self.x0(&to_f32(model_output)?, &to_f32(sample)?, c.alpha_prod_t)?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -153,21 +179,7 @@ impl super::Scheduler for DdpmScheduler {
         let out_dtype = model_output.dtype();
         let model_output = to_f32(model_output)?;
         let sample = to_f32(sample)?;
-        let beta_prod_t = 1.0 - c.alpha_prod_t;
-        let mut pred_original_sample = match self.prediction_type {
-            PredictionType::Epsilon => div_scalar(
-                &(&sample - mul_scalar(&model_output, beta_prod_t.sqrt())?)?,
-                c.alpha_prod_t.sqrt(),
-            )?,
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                (mul_scalar(&sample, c.alpha_prod_t.sqrt())?
-                    - mul_scalar(&model_output, beta_prod_t.sqrt())?)?
-            }
-        };
-        if let Some(range) = self.clip_sample {
-            pred_original_sample = pred_original_sample.clamp(-range, range)?;
-        }
+        let pred_original_sample = self.x0(&model_output, &sample, c.alpha_prod_t)?;
         let mut prev_sample = (mul_scalar(&pred_original_sample, c.pred_original_sample_coeff)?
             + mul_scalar(&sample, c.current_sample_coeff)?)?;
         if t > 0 {

@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, alpha_sigma_t, div_scalar, lambda_of, mul_scalar, to_f32};
+use super::common::{self, alpha_sigma_t, lambda_of, mul_scalar, to_f32};
 use super::config::{
     AlgorithmType, BetaSchedule, FinalSigmasType, PredictionType, SolverType, TimestepSpacing,
     VarianceType,
@@ -207,16 +207,12 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         step_index: usize,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step_index]);
-        Ok(match self.prediction_type {
-            PredictionType::Epsilon => {
-                div_scalar(&(sample - mul_scalar(model_output, sigma_t)?)?, alpha_t)?
-            }
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                (mul_scalar(sample, alpha_t)? - mul_scalar(model_output, sigma_t)?)?
-            }
-        })
+        let sigma = *self
+            .sigmas
+            .get(step_index)
+            .ok_or_else(|| common::step_out_of_range(step_index, self.timesteps.len()))?;
+        let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+        common::x0_alpha(self.prediction_type, model_output, sample, alpha_t, sigma_t)
     }
 
     fn first_order_update(
@@ -269,6 +265,16 @@ impl super::Scheduler for DpmSolverMultistepScheduler {
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let x0 = self.convert_model_output(&to_f32(model_output)?, &to_f32(sample)?, step_index)?;
+        Ok(x0.to_dtype(sample.dtype())?)
     }
 
     fn step(

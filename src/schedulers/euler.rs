@@ -140,6 +140,22 @@ impl super::Scheduler for EulerDiscreteScheduler {
         common::scale_by_sigma(sample, sigma)
     }
 
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let (sigma, _) = self.sigma_pair(step_index)?;
+        let x0 = common::x0_sigma(
+            self.prediction_type,
+            &to_f32(model_output)?,
+            &to_f32(sample)?,
+            sigma,
+        )?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -153,14 +169,8 @@ impl super::Scheduler for EulerDiscreteScheduler {
         let sample = to_f32(sample)?;
         // s_churn = 0: gamma = 0, sigma_hat = sigma * (0 + 1) = sigma.
         let sigma_hat = sigma;
-        let pred_original_sample = match self.prediction_type {
-            PredictionType::Sample => model_output,
-            PredictionType::Epsilon => (&sample - mul_scalar(&model_output, sigma_hat)?)?,
-            PredictionType::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (mul_scalar(&model_output, c_out)? + div_scalar(&sample, sigma * sigma + 1.0)?)?
-            }
-        };
+        let pred_original_sample =
+            common::x0_sigma(self.prediction_type, &model_output, &sample, sigma_hat)?;
         let derivative = div_scalar(&(&sample - pred_original_sample)?, sigma_hat)?;
         let dt = sigma_next - sigma_hat;
         let prev_sample = (&sample + mul_scalar(&derivative, dt)?)?;

@@ -97,6 +97,22 @@ impl super::Scheduler for EulerAncestralScheduler {
         common::scale_by_sigma(sample, sigma)
     }
 
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let (sigma, _) = self.sigma_pair(step_index)?;
+        let x0 = common::x0_sigma(
+            self.prediction_type,
+            &to_f32(model_output)?,
+            &to_f32(sample)?,
+            sigma,
+        )?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -108,14 +124,8 @@ impl super::Scheduler for EulerAncestralScheduler {
         let out_dtype = model_output.dtype();
         let model_output = to_f32(model_output)?;
         let sample = to_f32(sample)?;
-        let pred_original_sample = match self.prediction_type {
-            PredictionType::Epsilon => (&sample - mul_scalar(&model_output, sigma)?)?,
-            PredictionType::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (mul_scalar(&model_output, c_out)? + div_scalar(&sample, sigma * sigma + 1.0)?)?
-            }
-            PredictionType::Sample => unreachable!("rejected in new()"),
-        };
+        let pred_original_sample =
+            common::x0_sigma(self.prediction_type, &model_output, &sample, sigma)?;
         let sigma_from = sigma;
         let (from2, to2) = (sigma_from * sigma_from, sigma_to * sigma_to);
         // diffusers would give NaN for a (rounding-)negative radicand; clamp it to 0 instead.

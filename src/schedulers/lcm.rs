@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, div_scalar, mul_scalar, to_f32};
+use super::common::{self, mul_scalar, to_f32};
 use super::config::PredictionType;
 use super::{Result, SchedulerConfig, SchedulerError};
 use crate::rng::NoiseSource;
@@ -78,6 +78,23 @@ impl LcmScheduler {
         Ok(this)
     }
 
+    /// `denoised = c_out * pred_original_sample + c_skip * sample` at `timestep`, float32.
+    fn denoised(&self, model_output: &Tensor, sample: &Tensor, timestep: i64) -> Result<Tensor> {
+        let alpha_prod_t = common::alpha_cumprod_at(&self.alphas_cumprod, timestep)?;
+        let mut pred_original_sample = common::x0_alpha(
+            self.prediction_type,
+            model_output,
+            sample,
+            alpha_prod_t.sqrt(),
+            (1.0 - alpha_prod_t).sqrt(),
+        )?;
+        if let Some(range) = self.clip_sample {
+            pred_original_sample = pred_original_sample.clamp(-range, range)?;
+        }
+        let (c_skip, c_out) = self.boundary_scalings(timestep);
+        Ok((mul_scalar(&pred_original_sample, c_out)? + mul_scalar(sample, c_skip)?)?)
+    }
+
     /// `get_scalings_for_boundary_condition_discrete` in float32 (the timestep is an int64
     /// tensor, so `timestep * timestep_scaling` is a float32 tensor): `(c_skip, c_out)`.
     pub fn boundary_scalings(&self, timestep: i64) -> (f32, f32) {
@@ -98,6 +115,22 @@ impl super::Scheduler for LcmScheduler {
         &self.timesteps
     }
 
+    /// LCM's `denoised`: its x0 estimate after the boundary condition.
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let len = self.int_timesteps.len();
+        let timestep = *self
+            .int_timesteps
+            .get(step_index)
+            .ok_or_else(|| common::step_out_of_range(step_index, len))?;
+        let x0 = self.denoised(&to_f32(model_output)?, &to_f32(sample)?, timestep)?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -115,34 +148,17 @@ impl super::Scheduler for LcmScheduler {
             .get(step_index + 1)
             .copied()
             .unwrap_or(timestep);
-        let alpha_prod_t = common::alpha_cumprod_at(&self.alphas_cumprod, timestep)?;
         let alpha_prod_t_prev = if prev_timestep >= 0 {
             common::alpha_cumprod_at(&self.alphas_cumprod, prev_timestep)?
         } else {
             self.final_alpha_cumprod
         };
-        let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
-        let (c_skip, c_out) = self.boundary_scalings(timestep);
 
         let out_dtype = sample.dtype();
         let model_output = to_f32(model_output)?;
         let sample = to_f32(sample)?;
-        let mut pred_original_sample = match self.prediction_type {
-            PredictionType::Epsilon => div_scalar(
-                &(&sample - mul_scalar(&model_output, beta_prod_t.sqrt())?)?,
-                alpha_prod_t.sqrt(),
-            )?,
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                (mul_scalar(&sample, alpha_prod_t.sqrt())?
-                    - mul_scalar(&model_output, beta_prod_t.sqrt())?)?
-            }
-        };
-        if let Some(range) = self.clip_sample {
-            pred_original_sample = pred_original_sample.clamp(-range, range)?;
-        }
-        let denoised = (mul_scalar(&pred_original_sample, c_out)? + mul_scalar(&sample, c_skip)?)?;
+        let denoised = self.denoised(&model_output, &sample, timestep)?;
         let prev_sample = if step_index != len - 1 {
             let z = to_f32(&noise.randn(model_output.dims(), model_output.device())?)?;
             (mul_scalar(&denoised, alpha_prod_t_prev.sqrt())?

@@ -75,6 +75,16 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
+    /// The sampler's own estimate of the clean sample x0 from `model_output` at `step_index`
+    /// (diffusers' `pred_original_sample`; LCM's `denoised`; the multistep solvers'
+    /// `convert_model_output`; PNDM, which reports none, by the alpha-space formula). It reads
+    /// no state a step changes, so it may be asked before [`Scheduler::step`].
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor>;
     /// diffusers' `step(model_output, timesteps[step_index], sample).prev_sample`.
     fn step(
         &mut self,

@@ -133,6 +133,28 @@ impl super::Scheduler for PndmScheduler {
         &self.timesteps
     }
 
+    /// PNDM reports no x0; this is the alpha-space formula at the step's own timestep.
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let timestep = *self
+            .int_timesteps
+            .get(step_index)
+            .ok_or_else(|| common::step_out_of_range(step_index, self.int_timesteps.len()))?;
+        let a = common::alpha_cumprod_at(&self.alphas_cumprod, timestep)?;
+        let x0 = common::x0_alpha(
+            self.prediction_type,
+            &to_f32(model_output)?,
+            &to_f32(sample)?,
+            a.sqrt(),
+            (1.0 - a).sqrt(),
+        )?;
+        Ok(x0.to_dtype(sample.dtype())?)
+    }
+
     /// diffusers' `step_plms`.
     fn step(
         &mut self,

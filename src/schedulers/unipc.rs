@@ -145,15 +145,8 @@ impl UniPcScheduler {
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step_index]);
         Ok(match (self.predict_x0, self.prediction_type) {
-            (true, PredictionType::Epsilon) => {
-                div_scalar(&(sample - mul_scalar(model_output, sigma_t)?)?, alpha_t)?
-            }
-            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => {
-                model_output.clone()
-            }
-            (true, PredictionType::VPrediction) => {
-                (mul_scalar(sample, alpha_t)? - mul_scalar(model_output, sigma_t)?)?
-            }
+            (true, pt) => common::x0_alpha(pt, model_output, sample, alpha_t, sigma_t)?,
+            (false, PredictionType::Epsilon) => model_output.clone(),
             (false, PredictionType::Sample) => {
                 div_scalar(&(sample - mul_scalar(model_output, alpha_t)?)?, sigma_t)?
             }
@@ -330,6 +323,29 @@ impl super::Scheduler for UniPcScheduler {
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    /// The x0 prediction at the step (as `convert_model_output` gives it with `predict_x0`).
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let sigma = *self
+            .sigmas
+            .get(step_index)
+            .ok_or_else(|| common::step_out_of_range(step_index, self.timesteps.len()))?;
+        let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+        let pt = self.prediction_type;
+        let x0 = common::x0_alpha(
+            pt,
+            &to_f32(model_output)?,
+            &to_f32(sample)?,
+            alpha_t,
+            sigma_t,
+        )?;
+        Ok(x0.to_dtype(sample.dtype())?)
     }
 
     fn step(

@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::validation::{self, Limits};
-use crate::engine::{Doorbell, Engine, EngineError, EngineEvent, Job, SessionLink, Slot, Verdict};
+use crate::engine::{
+    ClientInput, Doorbell, Engine, EngineError, EngineEvent, Job, SessionLink, Slot, Verdict,
+};
 use crate::proto;
 use crate::proto::diffusion_server::Diffusion;
 use crate::proto::{client_message, server_message};
@@ -33,11 +35,12 @@ pub struct DiffusionService {
 /// What a started generation hands its session.
 struct Started {
     events: mpsc::Receiver<EngineEvent>,
-    replies: mpsc::Sender<proto::StepReply>,
+    replies: mpsc::Sender<ClientInput>,
     slot: Arc<Slot>,
     verdict: Verdict,
     doorbell: Arc<Doorbell>,
     observe_only: bool,
+    await_steps: bool,
 }
 
 /// Parses gRPC's `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
@@ -109,6 +112,7 @@ impl DiffusionService {
             .as_ref()
             .map(|s| s.observe_only)
             .unwrap_or(true);
+        let await_steps = valid.subscription.as_ref().is_some_and(|s| s.await_steps);
         let span = tracing::info_span!("generate", request_id = %request_id, model = %card.id);
         span.in_scope(|| {
             tracing::info!(
@@ -162,6 +166,7 @@ impl DiffusionService {
             verdict,
             doorbell: self.engine.doorbell().clone(),
             observe_only,
+            await_steps,
         })
     }
 }
@@ -289,6 +294,7 @@ impl Diffusion for DiffusionService {
             verdict,
             doorbell,
             observe_only,
+            await_steps,
         } = self.start(start, timeout)?;
 
         // Inbound side: forward replies to the worker; the client ending or breaking the stream
@@ -302,12 +308,21 @@ impl Diffusion for DiffusionService {
                     tokio::select! {
                         _ = replies.closed() => break,
                         msg = inbound.message() => match msg {
-                            Ok(Some(proto::ClientMessage { kind: Some(client_message::Kind::Reply(r)) })) => {
-                                if observe_only {
-                                    let _ = notice_tx.send(Ok(rejected(r.step_index, "reply", "this session is observe-only (or has no callback): no reply is expected"))).await;
-                                    continue;
-                                }
-                                if replies.try_send(r).is_err() {
+                            Ok(Some(proto::ClientMessage { kind: Some(kind @ (client_message::Kind::Reply(_) | client_message::Kind::Steps(_))) })) => {
+                                let input = match kind {
+                                    client_message::Kind::Reply(r) if observe_only => {
+                                        let _ = notice_tx.send(Ok(rejected(r.step_index, "reply", "this session is observe-only (or has no callback): no reply is expected"))).await;
+                                        continue;
+                                    }
+                                    client_message::Kind::Reply(r) => ClientInput::Reply(r),
+                                    client_message::Kind::Steps(_) if !await_steps => {
+                                        let _ = notice_tx.send(Ok(rejected(0, "steps", "a step selection is taken only with CallbackOptions.await_steps"))).await;
+                                        continue;
+                                    }
+                                    client_message::Kind::Steps(s) => ClientInput::Steps(s),
+                                    client_message::Kind::Start(_) => unreachable!("matched above"),
+                                };
+                                if replies.try_send(input).is_err() {
                                     let _ = notice_tx.send(Err(EngineError::Protocol(format!(
                                         "more than {REPLY_BUFFER} replies sent ahead of the steps they answer"
                                     )))).await;
@@ -318,7 +333,7 @@ impl Diffusion for DiffusionService {
                             }
                             Ok(Some(_)) => {
                                 let _ = notice_tx.send(Err(EngineError::Protocol(
-                                    "only `reply` messages may follow `start`".into(),
+                                    "only `reply` and `steps` messages may follow `start`".into(),
                                 ))).await;
                                 break;
                             }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::engine::{EngineError, RequestTensors, Subscription};
+use crate::engine::{
+    sorted, steps_in_range, EngineError, Hook, RequestTensors, Subscription, GUIDANCE_TENSORS,
+};
 use crate::pipeline::check_lora_scale;
 use crate::pipeline::sd::{Cutoff, GenerateParams, GuidancePlan, LoraUse};
 use crate::proto;
@@ -374,15 +376,41 @@ fn validate_callback(
     model: &proto::ModelInfo,
     limits: &Limits,
 ) -> Result<Subscription, EngineError> {
+    let mut hooks = Vec::with_capacity(c.phases.len());
+    for (i, &p) in c.phases.iter().enumerate() {
+        let hook = Hook::from_wire(p).ok_or_else(|| {
+            invalid(
+                &format!("callback.phases[{i}]"),
+                format!("unknown value {p}"),
+            )
+        })?;
+        hooks.push(hook);
+    }
+    if hooks.is_empty() {
+        hooks.push(Hook::End);
+    }
+    hooks.sort_unstable();
+    hooks.dedup();
+    let guidance = hooks.contains(&Hook::Guidance);
     let mut names: Vec<String> = Vec::new();
     for n in &c.tensor_inputs {
-        if !model.callback_tensor_inputs.iter().any(|a| a == n) {
+        let of_phase = GUIDANCE_TENSORS.contains(&n.as_str());
+        if of_phase && !guidance {
+            return Err(invalid(
+                "callback.tensor_inputs",
+                format!("`{n}` exists only at the AFTER_GUIDANCE phase; add it to callback.phases"),
+            ));
+        }
+        if !of_phase && !model.callback_tensor_inputs.iter().any(|a| a == n) {
+            let mut allowed = model.callback_tensor_inputs.join(", ");
+            if guidance {
+                allowed = format!("{allowed}, {}", GUIDANCE_TENSORS.join(", "));
+            }
             return Err(invalid(
                 "callback.tensor_inputs",
                 format!(
-                    "`{n}` is not a callback tensor of model `{}`; allowed: {}",
+                    "`{n}` is not a callback tensor of model `{}`; allowed: {allowed}",
                     model.id,
-                    model.callback_tensor_inputs.join(", ")
                 ),
             ));
         }
@@ -394,9 +422,25 @@ fn validate_callback(
         }
         names.push(n.clone());
     }
-    let mut steps = c.step_indices.clone();
-    steps.sort_unstable();
-    steps.dedup();
+    let steps = sorted(&c.step_indices);
+    if c.await_steps {
+        for (field, set) in [
+            ("callback.step_indices", !c.step_indices.is_empty()),
+            ("callback.every", c.every > 1),
+            (
+                "callback.reply_step_indices",
+                !c.reply_step_indices.is_empty(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    "with await_steps the steps come in ClientMessage.steps after Accepted; \
+                     leave this unset",
+                ));
+            }
+        }
+    }
     let reply_timeout = if c.reply_timeout_ms == 0 {
         limits.default_reply_timeout
     } else {
@@ -428,9 +472,7 @@ fn validate_callback(
             ))
         }
     };
-    let mut reply_steps = c.reply_step_indices.clone();
-    reply_steps.sort_unstable();
-    reply_steps.dedup();
+    let reply_steps = sorted(&c.reply_step_indices);
     if c.observe_only && !reply_steps.is_empty() {
         return Err(invalid(
             "callback.reply_step_indices",
@@ -446,6 +488,9 @@ fn validate_callback(
         reply_timeout,
         on_timeout,
         wire_dtype,
+        await_steps: c.await_steps,
+        hooks,
+        no_steps: false,
     })
 }
 
@@ -461,16 +506,7 @@ pub fn check_step_indices(sub: &Subscription, timesteps: usize) -> Result<(), En
 }
 
 fn check_steps_in(field: &str, steps: &[u32], timesteps: usize) -> Result<(), EngineError> {
-    match steps.iter().find(|&&i| i as usize >= timesteps) {
-        Some(&bad) => Err(invalid(
-            field,
-            format!(
-                "step index {bad} is out of range: this request has {timesteps} timesteps \
-                 (0..{timesteps})"
-            ),
-        )),
-        None => Ok(()),
-    }
+    steps_in_range(steps, timesteps).map_err(|why| invalid(field, why))
 }
 
 #[cfg(test)]

@@ -617,6 +617,10 @@ class RemotePipeline:
         seed: Optional[int] = None,
         scheduler=None,
         callback_on_step_end_steps: Union[Iterable[int], Callable[[int], Iterable[int]], None] = None,
+        callback_on_step_begin: Optional[Callable] = None,
+        callback_on_step_begin_tensor_inputs: Optional[List[str]] = None,
+        callback_after_guidance: Optional[Callable] = None,
+        callback_after_guidance_tensor_inputs: Optional[List[str]] = None,
         observe_only: bool = False,
         return_latents: bool = False,
         reply_timeout_ms: Optional[int] = None,
@@ -636,9 +640,19 @@ class RemotePipeline:
         same class whose effective config agrees with every setting the instance sets; a
         setting no name honours raises ``ValueError`` naming it. ``None``: the model's own.
         ``callback_on_step_end_steps``: the steps at which the callback may change something
-        (indices, or a function of ``num_timesteps``). Only those steps make the server wait. A
+        (indices, or a function of ``num_timesteps``, called with the run's real count once the
+        server has accepted it). Only those steps make the server wait. A
         :class:`~stepstream.callbacks.PipelineCallback` says it itself; a plain function runs at
-        every step unless this is given.
+        every step unless this is given. The same steps apply to the two callbacks below.
+        ``callback_on_step_begin``: called as ``callback_on_step_end`` is, but before the UNet of
+        the step; what it returns (latents, embeddings, ``pipe._guidance_scale``,
+        ``pipe._interrupt``) applies to that step itself. Its tensors:
+        ``callback_on_step_begin_tensor_inputs`` (default ``["latents"]``).
+        ``callback_after_guidance``: called after classifier-free guidance, before the
+        scheduler step, with ``noise_pred`` (guided and rescaled), ``noise_pred_uncond``,
+        ``noise_pred_text`` (``None`` without CFG), ``pred_original_sample`` (the scheduler's
+        x0) and ``latents``, as listed in ``callback_after_guidance_tensor_inputs`` (default
+        ``["noise_pred"]``); a returned ``noise_pred`` is what the scheduler step takes.
         ``observe_only``: the callback only watches: the server never waits, and a callback that
         changes anything raises.
         ``return_latents``: also return the final latents (``output.latents``).
@@ -704,23 +718,38 @@ class RemotePipeline:
         req.output.return_latents = bool(return_latents)
 
         plan: Optional[_Plan] = None
-        if callback_on_step_end is None:
-            if observe_only:
-                raise ValueError("observe_only needs a callback_on_step_end to call")
-        else:
-            names = list(callback_on_step_end_tensor_inputs or [])
-            own = getattr(callback_on_step_end, "tensor_inputs", None)
+        callbacks: Dict[int, Callable] = {}
+        inputs: Dict[int, List[str]] = {}
+        for phase, fn, given, default in (
+            (pb.CALLBACK_PHASE_STEP_BEGIN, callback_on_step_begin, callback_on_step_begin_tensor_inputs, ["latents"]),
+            (pb.CALLBACK_PHASE_AFTER_GUIDANCE, callback_after_guidance, callback_after_guidance_tensor_inputs,
+             ["noise_pred"]),
+            (pb.CALLBACK_PHASE_STEP_END, callback_on_step_end, callback_on_step_end_tensor_inputs, ["latents"]),
+        ):
+            if fn is None:
+                continue
+            names = list(given or [])
+            own = getattr(fn, "tensor_inputs", None)
             if isinstance(own, (list, tuple)):
                 # diffusers: a PipelineCallback / MultiPipelineCallbacks brings its own tensor_inputs
                 # (here added to any given explicitly).
                 names = list(own) + names
-            elif callback_on_step_end_tensor_inputs is None:
-                names = ["latents"]  # diffusers' default
+            elif given is None:
+                names = default  # diffusers' default for callback_on_step_end
+            callbacks[phase] = fn
+            inputs[phase] = list(dict.fromkeys(names))
+        if not callbacks:
+            if observe_only:
+                raise ValueError("observe_only needs a callback to call")
+        else:
             steps = callback_on_step_end_steps
             if steps is None:
-                steps = getattr(callback_on_step_end, "step_indices", None)
+                own_steps = [getattr(fn, "step_indices", None) for fn in callbacks.values()]
+                steps = own_steps[0] if len(own_steps) == 1 else None
             plan = _Plan(
-                tensor_inputs=list(dict.fromkeys(names)),
+                tensor_inputs=list(dict.fromkeys(n for names in inputs.values() for n in names)),
+                callbacks=callbacks,
+                inputs=inputs,
                 steps=steps,
                 observe_only=observe_only,
                 reply_timeout_ms=reply_timeout_ms,
@@ -736,9 +765,9 @@ class RemotePipeline:
         try:
             run = _Run(self, req, fmt, output_type, timeout, call)
             if plan is not None:
-                return run.finish(run.stream(callback_on_step_end, plan), return_dict)
+                return run.finish(run.stream(plan), return_dict)
             if self._progress_bar_wanted():
-                return run.finish(run.stream(None, _Plan(tensor_inputs=[], steps=None, observe_only=True)), return_dict)
+                return run.finish(run.stream(_Plan.watching()), return_dict)
             return run.finish(run.once(), return_dict)
         finally:
             calls.pop()
@@ -813,19 +842,20 @@ class _Call:
 
 @dataclass
 class _Plan:
-    tensor_inputs: List[str]
+    tensor_inputs: List[str]  # the request's: every phase's names
     steps: Any  # None, an iterable of indices, or a function of num_timesteps
+    callbacks: Dict[int, Callable] = field(default_factory=dict)  # by CallbackPhase
+    inputs: Dict[int, List[str]] = field(default_factory=dict)  # each callback's own names
     observe_only: bool = False
     reply_timeout_ms: Optional[int] = None
     on_timeout: str = "abort"
     wire_dtype: int = pb.DTYPE_F32
     reply_retries: int = 0
 
-
-class _Resubscribe(Exception):
-    def __init__(self, num_timesteps: int, seed: int):
-        self.num_timesteps = num_timesteps
-        self.seed = seed
+    @staticmethod
+    def watching() -> "_Plan":
+        """Every step observed, no callback (a progress bar)."""
+        return _Plan(tensor_inputs=[], steps=None, observe_only=True)
 
 
 class _Run:
@@ -858,49 +888,45 @@ class _Run:
         self.call.completed = done
         return done
 
-    def stream(self, callback, plan: _Plan) -> pb.Completed:
+    def stream(self, plan: _Plan) -> pb.Completed:
+        req = pb.GenerateRequest()
+        req.CopyFrom(self.req)
+        cb = req.callback
+        cb.tensor_inputs.extend(plan.tensor_inputs)
+        cb.observe_only = plan.observe_only
+        cb.wire_dtype = plan.wire_dtype
+        cb.phases.extend(sorted(plan.callbacks) or [pb.CALLBACK_PHASE_STEP_END])
+        if plan.reply_timeout_ms:
+            cb.reply_timeout_ms = int(plan.reply_timeout_ms)
+        cb.on_timeout = {"abort": pb.TIMEOUT_ACTION_ABORT, "continue": pb.TIMEOUT_ACTION_CONTINUE}[plan.on_timeout]
         steps_of = plan.steps
-        predicted = key = None
         if callable(steps_of):
-            key, predicted = self.pipe._predict_num_timesteps(self.req)
-        for _attempt in range(2):
-            req = pb.GenerateRequest()
-            req.CopyFrom(self.req)
-            cb = req.callback
-            cb.tensor_inputs.extend(plan.tensor_inputs)
-            cb.observe_only = plan.observe_only
-            cb.wire_dtype = plan.wire_dtype
-            if plan.reply_timeout_ms:
-                cb.reply_timeout_ms = int(plan.reply_timeout_ms)
-            cb.on_timeout = {"abort": pb.TIMEOUT_ACTION_ABORT, "continue": pb.TIMEOUT_ACTION_CONTINUE}[plan.on_timeout]
-            if steps_of is not None:
-                wanted = steps_of(predicted) if callable(steps_of) else steps_of
-                if wanted is not None:
-                    wanted = sorted({int(i) for i in wanted if int(i) >= 0})
-                    if predicted is not None:
-                        wanted = [i for i in wanted if i < predicted]
-                    if not wanted:
-                        # The callback never acts: nothing needs to block.
-                        if self.pipe._progress_bar_wanted():
-                            return self.stream(None, _Plan(tensor_inputs=[], steps=None, observe_only=True))
-                        return self.once()
-                    cb.step_indices.extend(wanted)
-            try:
-                return _retry.call(
-                    self.pipe.retry,
-                    lambda timeout: self._session(req, callback, plan, predicted, timeout),
-                    self.deadline,
-                    "Generate",
-                )
-            except _Resubscribe as r:
-                # Timesteps differ from steps for this scheduler: ask again, same seed.
-                self.pipe._num_timesteps_cache[key] = r.num_timesteps
-                predicted = r.num_timesteps
-                self.req.seed = r.seed
-        raise errors.ProtocolError("the server's timestep count changed between two identical requests")
+            # The steps depend on num_timesteps: the server tells it in Accepted, then waits
+            # for the selection before step 0 (no guess from num_inference_steps).
+            cb.await_steps = True
+        elif steps_of is not None:
+            wanted = sorted({int(i) for i in steps_of if int(i) >= 0})
+            if not wanted:
+                # The callback never acts: nothing needs to block.
+                return self.stream(_Plan.watching()) if self.pipe._progress_bar_wanted() else self.once()
+            cb.step_indices.extend(wanted)
+        return _retry.call(
+            self.pipe.retry,
+            lambda timeout: self._session(req, plan, timeout),
+            self.deadline,
+            "Generate",
+        )
 
-    def _session(self, req: pb.GenerateRequest, callback, plan: _Plan, predicted: Optional[int],
-                 timeout: Optional[float]) -> pb.Completed:
+    @staticmethod
+    def _selection(steps_of, num_timesteps: int) -> pb.StepSelection:
+        """The steps a callback acts at, for a run of ``num_timesteps`` timesteps."""
+        wanted = steps_of(num_timesteps)
+        if wanted is None:
+            return pb.StepSelection()  # every step
+        wanted = sorted({int(i) for i in wanted if 0 <= int(i) < num_timesteps})
+        return pb.StepSelection(step_indices=wanted) if wanted else pb.StepSelection(no_steps=True)
+
+    def _session(self, req: pb.GenerateRequest, plan: _Plan, timeout: Optional[float]) -> pb.Completed:
         """One Generate stream. A status before ``Accepted`` is raised marked as a refusal (which
         :mod:`stepstream.retry` may retry); one after it says how many steps had run."""
         outbox: "queue.Queue[Optional[pb.ClientMessage]]" = queue.Queue()
@@ -924,8 +950,11 @@ class _Run:
                 kind = msg.WhichOneof("kind")
                 if kind == "accepted":
                     acc = msg.accepted
-                    if predicted is not None and len(acc.timesteps) != predicted:
-                        raise _Resubscribe(len(acc.timesteps), acc.seed)
+                    if req.callback.await_steps:
+                        outbox.put(pb.ClientMessage(steps=self._selection(plan.steps, len(acc.timesteps))))
+                    # What a later GenerateOnce of the same request reports as num_timesteps.
+                    key, _ = self.pipe._predict_num_timesteps(req)
+                    self.pipe._num_timesteps_cache[key] = len(acc.timesteps)
                     session = StepSession(self.pipe, acc)
                     session._loras = {l.name: l.scale for l in req.loras}
                     self.call.state = session  # what the pipeline object shows on this thread
@@ -938,16 +967,17 @@ class _Run:
                     if bar is not None:
                         bar.update(step.step_index + 1 - bar.n)
                         bar.set_postfix_str(f"{step.step_ms:.1f} ms/step", refresh=False)
-                    reply = self._answer(session, step, callback, plan, rejected=None)
+                    reply = self._answer(session, step, plan, rejected=None)
                     if step.reply_required:
                         outbox.put(pb.ClientMessage(reply=reply))
                 elif kind == "reply_rejected":
                     r = msg.reply_rejected
                     err = errors.ReplyRejectedError(r.step_index, r.field, r.reason)
-                    if session is None or session._last_step is None or session._tries >= plan.reply_retries:
+                    if (session is None or session._last_step is None or session._tries >= plan.reply_retries
+                            or r.field.startswith("steps")):
                         raise err
                     session._tries += 1
-                    reply = self._answer(session, session._last_step, callback, plan, rejected=err)
+                    reply = self._answer(session, session._last_step, plan, rejected=err)
                     outbox.put(pb.ClientMessage(reply=reply))
                 elif kind == "completed":
                     completed = msg.completed
@@ -982,28 +1012,31 @@ class _Run:
         cfg = {k: v for k, v in self.pipe._progress.items() if k != "disable"}
         return tqdm(total=total, **cfg)
 
-    def _answer(self, session: StepSession, step: pb.StepEnd, callback, plan: _Plan, rejected) -> pb.StepReply:
-        """Runs the callback on one StepEnd and turns what it changed into a StepReply."""
-        reply = pb.StepReply(step_index=step.step_index)
+    def _answer(self, session: StepSession, step: pb.StepEnd, plan: _Plan, rejected) -> pb.StepReply:
+        """Runs the callback of the event's phase and turns what it changed into a StepReply."""
+        phase = step.phase or pb.CALLBACK_PHASE_STEP_END
+        reply = pb.StepReply(step_index=step.step_index, phase=phase)
+        callback = plan.callbacks.get(phase)
         if callback is None:
             return reply
+        names = plan.inputs[phase]
         if rejected is None:
             session._tries = 0
         session._last_step = step
         session.rejected = rejected
         session._begin_step(step)
         received = dict(step.tensors)
-        kwargs = {name: tensors.decode(received[name], self.fmt) for name in plan.tensor_inputs if name in received}
+        kwargs = {name: tensors.decode(received[name], self.fmt) for name in names if name in received}
         # diffusers passes None for a subscribed tensor the pipeline does not have at this step
-        # (negative_prompt_embeds without CFG).
-        for name in plan.tensor_inputs:
+        # (negative_prompt_embeds without CFG; the CFG halves of noise_pred).
+        for name in names:
             kwargs.setdefault(name, None)
         out = callback(session, step.step_index, step.timestep, kwargs)
         if out is None:
             out = kwargs
         if not isinstance(out, dict):
-            raise TypeError(f"callback_on_step_end must return a dict (callback_kwargs), not {type(out).__name__}")
-        known = set(session._callback_tensor_inputs) | set(plan.tensor_inputs)
+            raise TypeError(f"{_CALLBACK_NAMES[phase]} must return a dict (callback_kwargs), not {type(out).__name__}")
+        known = set(names) if phase == pb.CALLBACK_PHASE_AFTER_GUIDANCE else set(session._callback_tensor_inputs) | set(names)
         changed: List[str] = []
         for name, value in out.items():
             if name not in known or value is None:
@@ -1054,6 +1087,13 @@ class _Run:
             },
         )
         return out if return_dict else out.to_tuple()
+
+
+_CALLBACK_NAMES = {
+    pb.CALLBACK_PHASE_STEP_BEGIN: "callback_on_step_begin",
+    pb.CALLBACK_PHASE_AFTER_GUIDANCE: "callback_after_guidance",
+    pb.CALLBACK_PHASE_STEP_END: "callback_on_step_end",
+}
 
 
 def _images(images: Sequence[pb.Image], output_type: str):

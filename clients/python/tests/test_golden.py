@@ -130,9 +130,10 @@ def test_cfg_cutoff_helper_blocks_only_at_its_step_and_matches(target, case):
     check_final(out, c, "SDCFGCutoffCallback(0.4)")
 
 
-def test_a_wrong_step_prediction_is_corrected_with_the_same_seed(target, case, monkeypatch):
-    """A callback that says which steps it needs is subscribed for the predicted num_timesteps; if
-    the server's count differs, the client asks again (same seed) with the right steps."""
+def test_steps_that_depend_on_num_timesteps_are_chosen_from_the_real_count(target, case, monkeypatch):
+    """A callback whose steps are a function of num_timesteps gets the count the server reports
+    in Accepted (the server waits for the selection before step 0): a wrong local prediction of
+    it changes nothing, and the function runs once."""
     c = case("ddim-10-cfg-cutoff")
     pipe = RemotePipeline(target, tensor_format="numpy")
     calls = []
@@ -150,5 +151,5 @@ def test_a_wrong_step_prediction_is_corrected_with_the_same_seed(target, case, m
         callback_on_step_end_steps=steps,
         return_latents=True,
     )
-    assert calls == [7, 10]
-    check_final(out, c, "re-subscribed run")
+    assert calls == [10]
+    check_final(out, c, "steps chosen after Accepted")
