@@ -2,6 +2,7 @@
 //!
 //!     cargo run --release --example model_figures -- load [--dtype f16] [--device cpu]
 //!     cargo run --release --example model_figures -- lora [--rank 16] [--size 256] [--runs 5]
+//!     cargo run --release --example model_figures -- preview [--runs 200] [--taesd-runs 3]
 //!
 //! `load` writes an SD 1.5-sized single-file checkpoint in f16 (the real layout, from
 //! `tests/fixtures/checkpoints/real-shapes/sd15.json`), then loads it in a fresh process and
@@ -10,6 +11,9 @@
 //! `lora` times the UNet step (batch 2, CFG-sized) of the random-weight SD 1.5 architecture
 //! without a LoRA, then with a random LoRA of `--rank` on every adaptable layer, and prints
 //! the cost per step.
+//! `preview` times one step's previews of every item at 64×64 latents (SD 1.5 at 512×512),
+//! batch 1 and 4: the linear map alone, then with PNG and JPEG encoding; and TAESD's decode in
+//! its released shape (64 channels, 3/3/3/1 blocks) with random weights.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -191,11 +195,70 @@ fn lora(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The median of `runs` timings of `f`, in milliseconds.
+fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[runs / 2])
+}
+
+fn preview(args: &[String]) -> Result<()> {
+    use stepstream::models::pipeline_model::Family;
+    use stepstream::models::taesd::{TinyConfig, TinyDecoder};
+    use stepstream::pipeline::preview::{encode, linear_rgb, Format};
+    let runs: usize = flag(args, "--runs").map_or(Ok(200), |r| r.parse())?;
+    let device = device(args)?;
+    for batch in [1usize, 4] {
+        let latents = Tensor::randn(0f32, 1.0, (batch, 4, 64, 64), &device)?;
+        let map = median_ms(runs, || {
+            linear_rgb(Family::Sd1, &latents, &[])?;
+            Ok(())
+        })?;
+        let with = |format: Format| {
+            median_ms(runs, || {
+                for (item, rgb, w, h) in linear_rgb(Family::Sd1, &latents, &[])? {
+                    encode(item, rgb, w, h, 0, format)?;
+                }
+                Ok(())
+            })
+        };
+        let (png, jpeg) = (with(Format::Png)?, with(Format::Jpeg(80))?);
+        println!(
+            "linear, batch {batch}, 64x64 latents: map {map:.3} ms, +PNG {png:.3} ms, +JPEG {jpeg:.3} ms per step"
+        );
+    }
+    let config: TinyConfig = serde_json::from_str("{}")?;
+    let vars = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &device);
+    let tiny = TinyDecoder::new(config, vb, DType::F32, "released shape")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let taesd_runs: usize = flag(args, "--taesd-runs").map_or(Ok(3), |r| r.parse())?;
+    if taesd_runs == 0 {
+        return Ok(());
+    }
+    for batch in [1usize, 4] {
+        let latents = Tensor::randn(0f32, 1.0, (batch, 4, 64, 64), &device)?;
+        let ms = median_ms(taesd_runs, || {
+            stepstream::pipeline::preview::tiny_rgb(&tiny, &latents, &[])?;
+            Ok(())
+        })?;
+        println!("TAESD (64 channels, random weights), batch {batch}, 64x64 latents -> 512x512: {ms:.1} ms per step");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("load") => load(&args[1..]),
         Some("lora") => lora(&args[1..]),
-        _ => bail!("usage: model_figures load|lora [flags] (see the file's doc comment)"),
+        Some("preview") => preview(&args[1..]),
+        _ => bail!("usage: model_figures load|lora|preview [flags] (see the file's doc comment)"),
     }
 }

@@ -248,6 +248,7 @@ async fn start_engine(plan: &BenchPlan) -> Result<Engine, BenchError> {
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
         loras: Vec::new(),
+        preview_decoders: Vec::new(),
     })
     .await?)
 }

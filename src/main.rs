@@ -1,7 +1,7 @@
 //! The `stepstream` binary: `serve` runs the gRPC server, `generate` is a command-line client.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +28,9 @@ enum Command {
     Serve(ServeArgs),
     /// Generate one image through a running server (a client with a progress bar).
     Generate(GenerateArgs),
+    /// Run a replay record (`generate --save-replay`) again on a server: the same image, bit
+    /// for bit, on the same device and dtype.
+    Replay(ReplayArgs),
     /// The performance report: component timings and peak memory, what each callback mode adds
     /// (G2) and one callback round trip against a raw TCP echo (G3), through an in-process
     /// server on loopback driven by a real gRPC client (Markdown tables, then one JSON line).
@@ -136,6 +139,15 @@ struct ServeArgs {
     /// Repeat for more.
     #[arg(long = "lora", env = "STEPSTREAM_LORA", value_delimiter = ',')]
     loras: Vec<String>,
+    /// A TAESD / TAESDXL folder (a diffusers `AutoencoderTiny`) for step previews,
+    /// `[MODEL=]DIR`; MODEL defaults to the first --model. Requests ask for it with
+    /// `callback.preview.decoder = TAESD`. Repeat for more models.
+    #[arg(
+        long = "preview-decoder",
+        env = "STEPSTREAM_PREVIEW_DECODER",
+        value_delimiter = ','
+    )]
+    preview_decoders: Vec<String>,
     /// Address to listen on.
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
@@ -245,8 +257,9 @@ struct ServeArgs {
     log_prompts: bool,
 }
 
+/// How a client command reaches the server.
 #[derive(clap::Args, Debug)]
-struct GenerateArgs {
+struct ConnectArgs {
     /// Server address: `host:port` or `http://host:port` (plain), `https://host:port` (TLS).
     #[arg(long, env = "STEPSTREAM_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
@@ -273,6 +286,12 @@ struct GenerateArgs {
     /// run is never retried.
     #[arg(long, env = "STEPSTREAM_RETRIES", default_value_t = 4)]
     retries: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
     /// Model id (empty: the server's default).
     #[arg(long, env = "STEPSTREAM_GENERATE_MODEL", default_value = "")]
     model: String,
@@ -319,6 +338,109 @@ struct GenerateArgs {
     /// Output PNG file (with several images: NAME-1.png, NAME-2.png, ...).
     #[arg(long, env = "STEPSTREAM_OUT", default_value = "out.png")]
     out: PathBuf,
+    /// Also save the run's replay record here (its protobuf bytes), for `stepstream replay`.
+    #[arg(long, env = "STEPSTREAM_SAVE_REPLAY")]
+    save_replay: Option<PathBuf>,
+    /// Write step previews into this folder, as `step-III-item-K.png` (or `.jpg`); the run is
+    /// then observed step by step (previews never make the server wait).
+    #[arg(long, env = "STEPSTREAM_PREVIEW_DIR")]
+    preview_dir: Option<PathBuf>,
+    /// With --preview-dir: a preview every N-th step.
+    #[arg(
+        long,
+        env = "STEPSTREAM_PREVIEW_EVERY",
+        default_value_t = 1,
+        requires = "preview_dir"
+    )]
+    preview_every: u32,
+    /// With --preview-dir: what the previews show.
+    #[arg(long, env = "STEPSTREAM_PREVIEW_SOURCE", value_enum, default_value_t = PreviewSourceArg::X0, requires = "preview_dir")]
+    preview_source: PreviewSourceArg,
+    /// With --preview-dir: the decoder (`taesd` where the server lists it for the model).
+    #[arg(long, env = "STEPSTREAM_PREVIEW_DECODER", value_enum, default_value_t = PreviewDecoderArg::Linear, requires = "preview_dir")]
+    preview_decoder: PreviewDecoderArg,
+    /// With --preview-dir: the previews' largest side in pixels (0: the decoder's own size).
+    #[arg(
+        long,
+        env = "STEPSTREAM_PREVIEW_MAX_SIDE",
+        default_value_t = 0,
+        requires = "preview_dir"
+    )]
+    preview_max_side: u32,
+    /// With --preview-dir: JPEG instead of PNG.
+    #[arg(long, env = "STEPSTREAM_PREVIEW_JPEG", requires = "preview_dir")]
+    preview_jpeg: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// The record (`generate --save-replay FILE`, or a client's saved `Completed.replay`).
+    file: PathBuf,
+    /// Output PNG file (with several images: NAME-1.png, NAME-2.png, ...).
+    #[arg(long, env = "STEPSTREAM_OUT", default_value = "out.png")]
+    out: PathBuf,
+}
+
+/// `--preview-source`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PreviewSourceArg {
+    /// The sampler's x0 estimate at each step.
+    X0,
+    /// The latents after each step.
+    Latents,
+}
+
+/// `--preview-decoder`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PreviewDecoderArg {
+    /// The per-family linear map (one pixel per latent).
+    Linear,
+    /// The server's TAESD (`serve --preview-decoder`).
+    Taesd,
+}
+
+impl GenerateArgs {
+    /// The preview subscription `--preview-*` ask for.
+    fn preview(&self) -> Option<proto::PreviewOptions> {
+        self.preview_dir.as_ref()?;
+        Some(proto::PreviewOptions {
+            source: match self.preview_source {
+                PreviewSourceArg::X0 => proto::PreviewSource::X0,
+                PreviewSourceArg::Latents => proto::PreviewSource::Latents,
+            } as i32,
+            max_side: self.preview_max_side,
+            format: if self.preview_jpeg {
+                proto::PreviewFormat::Jpeg
+            } else {
+                proto::PreviewFormat::Png
+            } as i32,
+            every: self.preview_every,
+            decoder: match self.preview_decoder {
+                PreviewDecoderArg::Linear => proto::PreviewDecoder::Linear,
+                PreviewDecoderArg::Taesd => proto::PreviewDecoder::Taesd,
+            } as i32,
+            ..Default::default()
+        })
+    }
+}
+
+/// Writes a step's previews into `dir` (when --preview-dir is set).
+fn save_previews(dir: Option<&Path>, s: &client::StepState) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    for p in &s.previews {
+        let Some(image) = &p.image else { continue };
+        let ext = if image.mime_type == "image/jpeg" {
+            "jpg"
+        } else {
+            "png"
+        };
+        let path = dir.join(format!("step-{:03}-item-{}.{ext}", s.step_index, p.item));
+        std::fs::write(&path, &image.data)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -416,6 +538,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .iter()
         .map(|spec| read_lora(spec, &models[0].0).with_context(|| format!("--lora {spec}")))
         .collect::<Result<Vec<_>>>()?;
+    let preview_decoders = args
+        .preview_decoders
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((model, dir)) => (model.to_string(), PathBuf::from(dir)),
+            None => (models[0].0.clone(), PathBuf::from(spec)),
+        })
+        .collect();
     let limits = Limits {
         max_steps: args.max_steps,
         max_side: args.max_side,
@@ -467,6 +597,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
         loras,
+        preview_decoders,
     })
     .await
     .context("loading models")?;
@@ -602,7 +733,7 @@ impl Bar {
 }
 
 /// The connection options `generate`'s TLS flags ask for.
-fn connect_options(args: &GenerateArgs) -> Result<client::ConnectOptions> {
+fn connect_options(args: &ConnectArgs) -> Result<client::ConnectOptions> {
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let wants_tls =
         args.tls || args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_domain.is_some();
@@ -625,6 +756,17 @@ fn connect_options(args: &GenerateArgs) -> Result<client::ConnectOptions> {
         tls,
         connect_timeout: Some(Duration::from_secs(10)),
     })
+}
+
+/// A client for `generate` and `replay`: TLS, token and retries as the flags say.
+async fn connect(args: &ConnectArgs) -> Result<Client> {
+    let mut client = Client::connect_with(&args.addr, connect_options(args)?)
+        .await?
+        .retry(client::RetryPolicy::retries(args.retries))?;
+    if let Some(t) = &args.token {
+        client = client.with_token(t)?;
+    }
+    Ok(client)
 }
 
 /// One `generate --lora`: `NAME`, `NAME=SCALE` or `NAME=S0:S1:...` (one scale per step).
@@ -651,12 +793,8 @@ fn lora_request(spec: &str) -> Result<proto::LoraRequest> {
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let mut client = Client::connect_with(&args.addr, connect_options(&args)?)
-        .await?
-        .retry(client::RetryPolicy::retries(args.retries))?;
-    if let Some(t) = &args.token {
-        client = client.with_token(t)?;
-    }
+    let mut client = connect(&args.conn).await?;
+    let preview = args.preview();
     let request = proto::GenerateRequest {
         model: args.model,
         prompt: args.prompt,
@@ -674,8 +812,16 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             schedule: args.guidance_schedule.clone(),
             ..Default::default()
         }),
+        output: Some(proto::OutputOptions {
+            return_replay: args.save_replay.is_some(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
+    let preview_dir = args.preview_dir.as_deref();
+    if let Some(dir) = preview_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut bar = Bar::default();
     let done = if let Some(ratio) = args.cfg_cutoff {
         let cutoff = CfgCutoff::ratio(ratio);
@@ -691,8 +837,10 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             .iter()
             .find(|m| m.id == id)
             .with_context(|| format!("the server has no model `{id}`"))?;
+        let mut callback = cutoff.subscription_for_model(model);
+        callback.preview = preview;
         let request = proto::GenerateRequest {
-            callback: Some(cutoff.subscription_for_model(model)),
+            callback: Some(callback),
             ..request
         };
         // Every step is observed, so that the progress bar is exact; only the cutoff step,
@@ -702,19 +850,30 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             ..Default::default()
         };
         let done = client
-            .generate_with_steps(request, select, |s| {
+            .generate_with_steps(request, select, |s| -> Result<_, client::BoxError> {
                 bar.step(s);
-                cutoff.apply(s)
+                save_previews(preview_dir, s)?;
+                Ok(cutoff.apply(s)?)
             })
             .await;
         bar.finish();
         done?
-    } else if args.observe {
+    } else if args.observe || preview.is_some() {
+        let request = proto::GenerateRequest {
+            callback: preview.map(|p| proto::CallbackOptions {
+                preview: Some(p),
+                ..Default::default()
+            }),
+            ..request
+        };
         let mut events = client.observe(request).await?;
         let mut done = None;
         while let Some(ev) = events.next().await {
             match ev? {
-                Event::Step(s) => bar.step(&s),
+                Event::Step(s) => {
+                    bar.step(&s);
+                    save_previews(preview_dir, &s)?;
+                }
                 Event::Completed(c) => done = Some(c),
                 Event::Accepted(_) => {}
             }
@@ -729,13 +888,45 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         spinner.finish_and_clear();
         done?
     };
+    if let Some(path) = &args.save_replay {
+        let record = done
+            .replay
+            .as_ref()
+            .context("the server sent no replay record (is it older than this client?)")?;
+        std::fs::write(path, prost::Message::encode_to_vec(record))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} ({} edits)", path.display(), record.edits.len());
+    }
+    report(&done, &args.out)
+}
+
+/// Runs a saved replay record with GenerateOnce and writes its images.
+async fn replay(args: ReplayArgs) -> Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let record = <proto::ReplayRecord as prost::Message>::decode(bytes.as_slice())
+        .with_context(|| format!("{} is not a replay record", args.file.display()))?;
+    eprintln!(
+        "replaying {} edits recorded on {} ({})",
+        record.edits.len(),
+        record.device,
+        record.dtype
+    );
+    let mut client = connect(&args.conn).await?;
+    let done = client.replay(record, None).await?;
+    report(&done, &args.out)
+}
+
+/// Writes a generation's images to `out` (NAME-1.png, ... for several) and prints its seed and
+/// timings.
+fn report(done: &proto::Completed, out: &Path) -> Result<()> {
     let n = done.images.len();
     for (i, img) in done.images.iter().enumerate() {
         let path = if n == 1 {
-            args.out.clone()
+            out.to_path_buf()
         } else {
-            let stem = args.out.file_stem().unwrap_or_default().to_string_lossy();
-            args.out.with_file_name(format!("{stem}-{}.png", i + 1))
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            out.with_file_name(format!("{stem}-{}.png", i + 1))
         };
         std::fs::write(&path, &img.data).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {} ({}x{})", path.display(), img.width, img.height);
@@ -769,6 +960,7 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(a) => serve(a).await,
         Command::Generate(a) => generate(a).await,
+        Command::Replay(a) => replay(a).await,
         Command::Bench(a) => bench(a).await,
     }
 }

@@ -3,9 +3,37 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 
 use common::process::spawn_serve;
+
+/// A path under `tests/fixtures/`.
+fn fixture(p: &str) -> String {
+    format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `stepstream generate --addr ADDR --prompt PROMPT`, for the caller's other flags.
+fn generate(addr: &str, prompt: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepstream"));
+    cmd.args(["generate", "--addr", addr, "--prompt", prompt]);
+    cmd
+}
+
+/// Runs `stepstream` with `args`, which must fail; its stderr.
+fn refused<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure: {err}");
+    err
+}
 
 #[test]
 fn serve_then_generate_with_a_cfg_cutoff_writes_a_png() {
@@ -13,9 +41,7 @@ fn serve_then_generate_with_a_cfg_cutoff_writes_a_png() {
     let addr = server.addr.clone();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let status = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["generate", "--addr", &addr])
-        .args(["--prompt", "a photo of an astronaut riding a horse on mars"])
+    let status = generate(&addr, "a photo of an astronaut riding a horse on mars")
         .args(["--steps", "10", "--cfg-cutoff", "0.4", "--seed", "3"])
         .arg("--out")
         .arg(&out)
@@ -27,26 +53,141 @@ fn serve_then_generate_with_a_cfg_cutoff_writes_a_png() {
     assert_eq!((img.width(), img.height()), (64, 64));
 }
 
+/// `serve --preview-decoder`, then `generate --preview-dir`: observed, and with a CFG cutoff.
+#[test]
+fn generate_writes_the_previews_it_asks_for() {
+    let server = spawn_serve([
+        "--model".to_string(),
+        fixture("models/tiny-sd15"),
+        "--preview-decoder".into(),
+        fixture("models/tiny-taesd"),
+    ]);
+    for (extra, decoder, side, want) in [
+        (
+            vec![],
+            "linear",
+            8,
+            ["step-000-item-0.png", "step-005-item-0.png"],
+        ),
+        (
+            vec!["--cfg-cutoff", "0.4"],
+            "taesd",
+            64,
+            ["step-000-item-0.png", "step-005-item-0.png"],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let previews = dir.path().join("previews");
+        let status = generate(&server.addr, "an astronaut")
+            .args(["--steps", "10", "--seed", "3", "--preview-every", "5"])
+            .args(["--preview-decoder", decoder])
+            .args(&extra)
+            .arg("--preview-dir")
+            .arg(&previews)
+            .arg("--out")
+            .arg(dir.path().join("out.png"))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{extra:?}");
+        let mut names: Vec<String> = std::fs::read_dir(&previews)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, want, "{extra:?}");
+        let img = image::open(previews.join(want[1])).unwrap();
+        assert_eq!((img.width(), img.height()), (side, side), "{decoder}");
+    }
+}
+
+/// `generate --cfg-cutoff --save-replay FILE`, then `replay FILE`: the same PNG, byte for byte.
+#[test]
+fn a_saved_replay_makes_the_same_png_again() {
+    let server = spawn_serve(Vec::<&str>::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (first, again, record) = (
+        dir.path().join("first.png"),
+        dir.path().join("again.png"),
+        dir.path().join("run.replay"),
+    );
+    let status = generate(&server.addr, "an astronaut")
+        .args(["--steps", "10", "--cfg-cutoff", "0.4"])
+        .arg("--save-replay")
+        .arg(&record)
+        .arg("--out")
+        .arg(&first)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
+        .args(["replay", "--addr", &server.addr])
+        .arg(&record)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("replaying 1 edits"),
+        "the cutoff is the one edit: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(&first).unwrap()
+    );
+
+    // Not a record: refused with the file named.
+    std::fs::write(&record, b"\xff\xff not protobuf").unwrap();
+    let err = refused([
+        OsStr::new("replay"),
+        "--addr".as_ref(),
+        server.addr.as_ref(),
+        record.as_os_str(),
+    ]);
+    assert!(err.contains("is not a replay record"), "{err}");
+}
+
+/// A preview decoder for a model not served, or a folder that is no `AutoencoderTiny`, stops
+/// `serve` at start with the reason.
+#[test]
+fn serve_refuses_a_preview_decoder_it_cannot_use() {
+    for (decoder, reason) in [
+        (
+            format!("nope={}", fixture("models/tiny-taesd")),
+            "a preview decoder for model `nope`, which is not served",
+        ),
+        (fixture("models/tiny-sd15/unet"), "only \"AutoencoderTiny\""),
+    ] {
+        let err = refused([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--model",
+            &fixture("models/tiny-sd15"),
+            "--preview-decoder",
+            &decoder,
+        ]);
+        assert!(err.contains(reason), "{decoder}: {err}");
+    }
+}
+
 #[test]
 fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
-    let folder = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/models/tiny-sd15"
-    );
-    let server = spawn_serve(["--model", folder]);
+    let server = spawn_serve(["--model".to_string(), fixture("models/tiny-sd15")]);
     assert!(server.addr.starts_with("127.0.0.1:"));
 
     let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-        .arg(empty.path())
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "a folder without a model must fail at start"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A folder without a model fails at start.
+    let err = refused([
+        OsStr::new("serve"),
+        "--addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--model".as_ref(),
+        empty.path().as_os_str(),
+    ]);
     assert!(err.contains("model_index.json"), "{err}");
 }
 
@@ -54,7 +195,6 @@ fn serve_loads_a_diffusers_folder_and_refuses_a_bad_one() {
 /// with two LoRAs, then `generate --lora` with a scale and with a per-step schedule.
 #[test]
 fn serve_a_checkpoint_with_two_loras_then_generate_with_them() {
-    let fixture = |p: &str| format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"));
     let server = spawn_serve([
         "--model".to_string(),
         fixture("checkpoints/tiny-sd15.safetensors"),
@@ -66,17 +206,9 @@ fn serve_a_checkpoint_with_two_loras_then_generate_with_them() {
         format!("style={}", fixture("loras/b-kohya.safetensors")),
     ]);
     let dir = tempfile::tempdir().unwrap();
-    let generate = |loras: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepstream"));
-        cmd.args(["generate", "--addr", &server.addr])
-            .args([
-                "--prompt",
-                "a lighthouse at dusk",
-                "--steps",
-                "4",
-                "--seed",
-                "1",
-            ])
+    let run = |loras: &[&str]| {
+        let mut cmd = generate(&server.addr, "a lighthouse at dusk");
+        cmd.args(["--steps", "4", "--seed", "1"])
             .arg("--out")
             .arg(dir.path().join("out.png"));
         for l in loras {
@@ -84,7 +216,7 @@ fn serve_a_checkpoint_with_two_loras_then_generate_with_them() {
         }
         cmd.output().unwrap()
     };
-    let out = generate(&["detail=0.8", "style=1:1:0.5:0.2"]);
+    let out = run(&["detail=0.8", "style=1:1:0.5:0.2"]);
     assert!(
         out.status.success(),
         "{}",
@@ -96,18 +228,14 @@ fn serve_a_checkpoint_with_two_loras_then_generate_with_them() {
         ("nope", "start.loras[0].name"),
         ("style=1:1", "start.loras[0].schedule"),
     ] {
-        let out = generate(&[bad]);
+        let out = run(&[bad]);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{bad}: {err}");
     }
     // A bad --lora at start: the server does not start, and says why.
-    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--lora", "no-equals-sign"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[MODEL:]NAME=PATH"));
+    let err = refused(["serve", "--addr", "127.0.0.1:0", "--lora", "no-equals-sign"]);
+    assert!(err.contains("[MODEL:]NAME=PATH"), "{err}");
 }
 
 #[test]
@@ -115,12 +243,7 @@ fn serve_takes_a_kernel_mode_and_refuses_an_unknown_one() {
     let server = spawn_serve(["--kernels", "reference"]);
     assert!(server.addr.starts_with("127.0.0.1:"));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--kernels", "fast"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(["serve", "--addr", "127.0.0.1:0", "--kernels", "fast"]);
     assert!(err.contains("use fused or reference"), "{err}");
 }
 

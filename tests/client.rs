@@ -32,6 +32,7 @@ fn request(case: &Case, tensor_inputs: &[&str]) -> proto::GenerateRequest {
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -124,6 +124,7 @@ async fn sd2_and_turbo_style_models_take_their_defaults_from_their_configs() {
                 output: Some(proto::OutputOptions {
                     format: proto::ImageFormat::Png as i32,
                     return_latents: true,
+                    ..Default::default()
                 }),
                 ..Default::default()
             })

@@ -124,6 +124,7 @@ async fn golden_run(
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -329,15 +330,7 @@ fn bystander(model: &str, i: usize) -> proto::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_cases_run_together_give_diffusers_numbers_bit_identical_to_their_solo_runs() {
     let server = common::server::start(common::server::Options {
-        models: ["tiny-sd15", "tiny-sdxl"]
-            .iter()
-            .map(|m| {
-                (
-                    m.to_string(),
-                    stepstream::models::ModelSource::Dir(common::model_dir(m)),
-                )
-            })
-            .collect(),
+        models: common::server::both_models(),
         max_sessions: 32,
         max_batch: 64,
         ..Default::default()

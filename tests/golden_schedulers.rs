@@ -47,6 +47,7 @@ fn request(case: &Case, scheduler: &str) -> proto::GenerateRequest {
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     }

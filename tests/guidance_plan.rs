@@ -8,7 +8,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::session::{ok_reply, Session};
 use common::{rel_diff, unwire, Case};
-use stepstream::models::ModelSource;
 use stepstream::proto::{self, guidance_plan::CfgCutoff, server_message::Kind};
 use tonic::Code;
 
@@ -17,10 +16,7 @@ const LATENTS_TOL: f32 = 1e-5;
 
 async fn server() -> common::server::TestServer {
     common::server::start(common::server::Options {
-        models: ["tiny-sd15", "tiny-sdxl"]
-            .iter()
-            .map(|m| (m.to_string(), ModelSource::Dir(common::model_dir(m))))
-            .collect(),
+        models: common::server::both_models(),
         ..Default::default()
     })
     .await

@@ -9,9 +9,8 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use common::session::{ok_reply, Session};
+use common::session::{ok_reply, reply_to, Session};
 use common::{png_max_diff, rel_diff, unwire, wire, Case};
-use stepstream::models::ModelSource;
 use stepstream::proto::{self, client_message, server_message::Kind, CallbackPhase};
 use stepstream::schedulers::{self, SchedulerConfig, SchedulerOptions};
 use tonic::Code;
@@ -29,10 +28,7 @@ const AFTER_GUIDANCE: [&str; 5] = [
 
 async fn server() -> common::server::TestServer {
     common::server::start(common::server::Options {
-        models: ["tiny-sd15", "tiny-sdxl"]
-            .iter()
-            .map(|m| (m.to_string(), ModelSource::Dir(common::model_dir(m))))
-            .collect(),
+        models: common::server::both_models(),
         ..Default::default()
     })
     .await
@@ -64,35 +60,15 @@ fn request(
     req
 }
 
-/// A reply at the phase of `step`.
-fn reply_to(step: &proto::StepEnd) -> proto::StepReply {
-    proto::StepReply {
-        phase: step.phase,
-        ..ok_reply(step.step_index)
-    }
-}
-
 /// Every event of a run, answered by `answer`, and Completed.
 async fn run(
     client: &mut proto::diffusion_client::DiffusionClient<tonic::transport::Channel>,
     req: proto::GenerateRequest,
-    mut answer: impl FnMut(&proto::StepEnd) -> proto::StepReply,
+    answer: impl FnMut(&proto::StepEnd) -> proto::StepReply,
 ) -> (Vec<proto::StepEnd>, proto::Completed) {
-    let mut s = Session::start(client, req).await.expect("accepted");
-    let mut events = Vec::new();
-    loop {
-        match s.expect().await {
-            Kind::StepEnd(step) => {
-                if step.reply_required {
-                    s.reply(answer(&step)).await;
-                }
-                events.push(step);
-            }
-            Kind::Completed(c) => return (events, c),
-            Kind::Accepted(_) | Kind::Queued(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    common::session::run(client, req, answer)
+        .await
+        .expect("runs")
 }
 
 fn phase_of(step: &proto::StepEnd) -> CallbackPhase {

@@ -494,6 +494,7 @@ fn sd_card() -> proto::ModelInfo {
                 modules: vec![],
             })
             .to_vec(),
+        preview_decoders: vec!["linear".into(), "taesd".into()],
         ..Default::default()
     }
 }
@@ -558,6 +559,13 @@ const REQUEST_FIELDS: &[&str] = &[
     "start.callback.reply_step_indices",
     "start.callback.step_indices",
     "start.callback.every",
+    "start.callback.preview",
+    "start.callback.preview.source",
+    "start.callback.preview.items",
+    "start.callback.preview.max_side",
+    "start.callback.preview.format",
+    "start.callback.preview.decoder",
+    "start.callback.preview.jpeg_quality",
 ];
 
 /// Whether `field` is one a request's LoRAs are refused by: `start.loras[i].name`, `.scale`,
@@ -668,6 +676,32 @@ fn any_enum_value(max: i32) -> BoxedStrategy<i32> {
     mostly(0..=max, prop_oneof![Just(-1), Just(max + 1), any::<i32>()])
 }
 
+/// Preview options: items past the batch, sides past the limits, qualities out of range.
+fn any_preview() -> impl Strategy<Value = proto::PreviewOptions> {
+    (
+        any_enum_value(2),
+        prop::collection::vec(mostly(0..3u32, edgy_u32()), 0..3),
+        mostly(0..=512u32, edgy_u32()),
+        any_enum_value(2),
+        mostly(0..4u32, edgy_u32()),
+        any_enum_value(2),
+        mostly(0..=100u32, edgy_u32()),
+    )
+        .prop_map(
+            |(source, items, max_side, format, every, decoder, jpeg_quality)| {
+                proto::PreviewOptions {
+                    source,
+                    items,
+                    max_side,
+                    format,
+                    every,
+                    decoder,
+                    jpeg_quality,
+                }
+            },
+        )
+}
+
 fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
     (
         prop::collection::vec(any_name(), 0..4),
@@ -680,6 +714,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
         prop::collection::vec(mostly(0..20u32, edgy_u32()), 0..3),
         any::<bool>(),
         prop::collection::vec(any_enum_value(3), 0..3),
+        prop::option::of(any_preview()),
     )
         .prop_map(
             |(
@@ -693,6 +728,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                 reply_step_indices,
                 await_steps,
                 phases,
+                preview,
             )| {
                 proto::CallbackOptions {
                     tensor_inputs,
@@ -705,6 +741,7 @@ fn any_callback() -> impl Strategy<Value = proto::CallbackOptions> {
                     reply_step_indices,
                     await_steps,
                     phases,
+                    preview,
                 }
             },
         )
@@ -742,7 +779,7 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
         prop::option::weighted(0.15, any_tensor()),
         prop::option::weighted(0.1, any_tensor()),
         prop::option::weighted(0.5, any_callback()),
-        prop::option::weighted(0.4, (any_enum_value(2), any::<bool>())),
+        prop::option::weighted(0.4, (any_enum_value(2), any::<bool>(), any::<bool>())),
     );
     let loras = (
         prop::collection::vec(any_lora(), 0..3),
@@ -769,14 +806,18 @@ fn any_request() -> impl Strategy<Value = proto::GenerateRequest> {
             prompt_embeds,
             negative_prompt_embeds,
             callback,
-            output: output.map(|(format, return_latents)| proto::OutputOptions {
-                format,
-                return_latents,
-            }),
+            output: output.map(
+                |(format, return_latents, return_replay)| proto::OutputOptions {
+                    format,
+                    return_latents,
+                    return_replay,
+                },
+            ),
             eta,
             guidance_rescale,
             loras,
             guidance_plan,
+            replay: None,
         },
     )
 }
@@ -915,6 +956,40 @@ fn check_accepted(
             s.wire_dtype != proto::DType::DtypeUnspecified,
             "an unresolved wire dtype",
         );
+        if let Some(preview) = &s.preview {
+            expect(
+                preview.items.iter().all(|&i| i < p.num_images_per_prompt),
+                "a preview item outside the batch",
+            );
+            expect(
+                preview.max_side <= limits.max_side,
+                "a preview over the max side",
+            );
+            expect(
+                s.hooks.contains(&stepstream::engine::Hook::End),
+                "previews without STEP_END",
+            );
+            expect(
+                preview.decoder != stepstream::pipeline::preview::Decoder::Tiny
+                    || card.preview_decoders.iter().any(|d| d == "taesd"),
+                "TAESD previews on a model without it",
+            );
+        }
+    }
+    let want_record = req.output.as_ref().is_some_and(|o| o.return_replay);
+    expect(v.record.is_some() == want_record, "a record not as asked");
+    if let Some(r) = &v.record {
+        expect(r.seed == Some(p.seed), "a record without the seed used");
+        expect(
+            r.num_inference_steps as usize == p.num_inference_steps
+                && r.width == Some(p.width as u32)
+                && r.height == Some(p.height as u32),
+            "a record without the resolved size and steps",
+        );
+        expect(
+            r.callback.is_none() && r.output.is_none(),
+            "a record with a callback or output",
+        );
     }
     if wrong.is_empty() {
         Ok(())
@@ -951,6 +1026,44 @@ proptest! {
                     "unexpected field `{}`", field
                 );
                 prop_assert!(!reason.is_empty(), "`{}` refused without a reason", field);
+            }
+            Err(other) => prop_assert!(false, "not an InvalidRequest: {:?}", other),
+        }
+    }
+
+    /// A replay request is unwrapped into the record's request and its edits, or refused as
+    /// InvalidRequest naming a `start.replay` field; never a panic.
+    #[test]
+    fn replays_unwrap_or_name_a_replay_field(
+        inner in any_request(),
+        edits in prop::collection::vec((mostly(0..12u32, edgy_u32()), any_enum_value(3)), 0..5),
+        version in mostly(1..=1u32, edgy_u32()),
+        extra in any::<bool>(),
+    ) {
+        let record = proto::ReplayRecord {
+            version,
+            request: Some(Box::new(inner)),
+            edits: edits
+                .iter()
+                .map(|&(step_index, phase)| proto::StepReply { step_index, phase, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        };
+        let req = proto::GenerateRequest {
+            prompt: if extra { "x".into() } else { String::new() },
+            replay: Some(Box::new(record.clone())),
+            ..Default::default()
+        };
+        match stepstream::server::validation::unwrap_replay(req) {
+            Ok((unwrapped, Some(got))) => {
+                prop_assert!(!extra && version == 1);
+                prop_assert_eq!(got, record.edits);
+                prop_assert!(unwrapped.callback.is_none() && unwrapped.replay.is_none());
+            }
+            Ok((_, None)) => prop_assert!(false, "a replay unwrapped to no replay"),
+            Err(EngineError::InvalidRequest { field, reason }) => {
+                prop_assert!(field.starts_with("start.replay"), "unexpected field `{}`", field);
+                prop_assert!(!reason.is_empty());
             }
             Err(other) => prop_assert!(false, "not an InvalidRequest: {:?}", other),
         }

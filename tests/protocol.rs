@@ -21,6 +21,7 @@ fn request(steps: u32) -> proto::GenerateRequest {
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -695,6 +696,7 @@ async fn list_models_and_latent_only_output() {
             output: Some(proto::OutputOptions {
                 format: proto::ImageFormat::None as i32,
                 return_latents: false,
+                ..Default::default()
             }),
             ..request(2)
         })

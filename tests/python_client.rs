@@ -140,7 +140,11 @@ fn python_client_suite_passes_against_the_server() {
             .join("tests/fixtures/loras/b-kohya.safetensors")
             .display()
     );
+    // The tiny TAESD as the default model's preview decoder.
+    let taesd = repo().join("tests/fixtures/models/tiny-taesd");
     let server = spawn_serve([
+        std::ffi::OsStr::new("--preview-decoder"),
+        taesd.as_os_str(),
         std::ffi::OsStr::new("--model"),
         sd15.as_os_str(),
         std::ffi::OsStr::new("--model"),

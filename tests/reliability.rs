@@ -88,6 +88,7 @@ async fn golden_run(addr: std::net::SocketAddr) -> f32 {
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::None as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -355,6 +356,7 @@ fn malformed_requests() -> Vec<(&'static str, proto::GenerateRequest)> {
                 output: Some(proto::OutputOptions {
                     format: 7,
                     return_latents: false,
+                    ..Default::default()
                 }),
                 ..base
             },
@@ -459,6 +461,7 @@ async fn malformed_input(srv: &TestServer, fig: &mut Figures) {
                 output: Some(proto::OutputOptions {
                     format: proto::ImageFormat::None as i32,
                     return_latents: true,
+                    ..Default::default()
                 }),
                 ..request(3)
             })
@@ -532,6 +535,7 @@ async fn malformed_input(srv: &TestServer, fig: &mut Figures) {
             output: Some(proto::OutputOptions {
                 format: proto::ImageFormat::None as i32,
                 return_latents: true,
+                ..Default::default()
             }),
             ..request(3)
         })
@@ -631,6 +635,7 @@ async fn memory_over_generations(srv: &TestServer, fig: &mut Figures) {
                 output: Some(proto::OutputOptions {
                     format: format as i32,
                     return_latents: false,
+                    ..Default::default()
                 }),
                 ..request(2)
             })

@@ -20,6 +20,7 @@ fn request(steps: u32, seed: u64) -> proto::GenerateRequest {
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -230,6 +230,8 @@ pub struct StepState {
     pub step_ms: f64,
     /// Whether the server waits for a reply (false in observe-only runs).
     pub reply_required: bool,
+    /// This step's previews (`callback.preview`), one per previewed batch item.
+    pub previews: Vec<proto::Preview>,
     /// The server's refusal of this closure's previous answer to this same step, when
     /// [`Client::reply_retries`] let it try again.
     pub rejected: Option<proto::ReplyRejected>,
@@ -409,6 +411,7 @@ fn step_state(
         tensors,
         step_ms: s.step_ms,
         reply_required: s.reply_required,
+        previews: s.previews.clone(),
         rejected,
         accepted: accepted.clone(),
     })
@@ -515,6 +518,22 @@ impl Client {
     pub async fn list_models(&mut self) -> Result<proto::ListModelsResponse, ClientError> {
         let r = self.request(proto::ListModelsRequest {});
         Ok(self.inner.list_models(r).await?.into_inner())
+    }
+
+    /// Runs a replay record (`Completed.replay` of a generation that asked for one with
+    /// `OutputOptions.return_replay`) again with GenerateOnce: the server applies its edits
+    /// itself and makes the same image on the same device and dtype.
+    pub async fn replay(
+        &mut self,
+        record: proto::ReplayRecord,
+        output: Option<proto::OutputOptions>,
+    ) -> Result<proto::Completed, ClientError> {
+        self.generate_once(proto::GenerateRequest {
+            replay: Some(Box::new(record)),
+            output,
+            ..Default::default()
+        })
+        .await
     }
 
     /// One generation without callbacks (`GenerateOnce`).
@@ -962,6 +981,7 @@ mod tests {
             )]),
             step_ms: 0.0,
             reply_required: true,
+            previews: Vec::new(),
             rejected: None,
             accepted: Arc::new(proto::Accepted::default()),
         }

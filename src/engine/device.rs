@@ -245,6 +245,8 @@ fn go_live<'m>(
         slot,
         deadline,
         admitted,
+        replay,
+        record,
         ..
     } = job;
     let queue_ms = admitted.elapsed().as_secs_f64() * 1e3;
@@ -286,6 +288,8 @@ fn go_live<'m>(
         slot,
         stall_timeout,
         max_tensor_bytes: config.max_tensor_bytes,
+        script: replay.map(VecDeque::from),
+        record,
     };
     let mut l = Live::new(meta, session, subscription, link, accepted);
     if let Err(e) = l.start(Instant::now()) {

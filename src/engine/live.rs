@@ -14,6 +14,7 @@ use super::subscription::{Hook, Subscription, GUIDANCE_TENSORS};
 use super::{ClientInput, EngineError, SessionLink, Slot, StopReason};
 use crate::metrics::Metrics;
 use crate::pipeline::check_lora_scale;
+use crate::pipeline::preview::{self, PreviewSpec};
 use crate::pipeline::sd::GenerationOutput;
 use crate::pipeline::{validate_control, Session, StepControl, StepState};
 use crate::proto;
@@ -74,6 +75,12 @@ pub(super) struct Meta {
     /// How long an event may sit undelivered before the client counts as stalled.
     pub(super) stall_timeout: Duration,
     pub(super) max_tensor_bytes: usize,
+    /// A replay's edits still to apply, in loop order: the session answers its own waits from
+    /// them and sends no step events.
+    pub(super) script: Option<VecDeque<proto::StepReply>>,
+    /// The record being kept for `Completed.replay` (the resolved request; edits appended as
+    /// they are applied).
+    pub(super) record: Option<proto::ReplayRecord>,
 }
 
 /// One session on the device loop; see the module docs.
@@ -184,8 +191,13 @@ impl<'m> Live<'m> {
     pub(super) fn next_wake(&self) -> Option<Instant> {
         let mut at: Option<Instant> = None;
         let mut take = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
-        if let Phase::Waiting { until, .. } = self.phase {
-            take(until);
+        if let Phase::Waiting { since, until, .. } = self.phase {
+            // A replay answers its own waits: at once.
+            take(if self.meta.script.is_some() {
+                since
+            } else {
+                until
+            });
         }
         if self.phase != Phase::Done {
             if let Some((d, _)) = self.meta.deadline {
@@ -219,8 +231,11 @@ impl<'m> Live<'m> {
         }
     }
 
-    /// Queues an event for the client.
+    /// Queues an event for the client (a replay's step events are internal: dropped).
     pub(super) fn push(&mut self, kind: Kind) {
+        if self.meta.script.is_some() && matches!(kind, Kind::StepEnd(_)) {
+            return;
+        }
         self.outbox
             .push_back(proto::ServerMessage { kind: Some(kind) });
     }
@@ -265,6 +280,9 @@ impl<'m> Live<'m> {
         else {
             return Ok(());
         };
+        if self.meta.script.is_some() {
+            return self.replay_answer(now, on, step_index, since, metrics);
+        }
         loop {
             let answer = match self.link.replies.try_recv() {
                 Ok(input) => self.take(on, input),
@@ -306,6 +324,58 @@ impl<'m> Live<'m> {
             }
         }
         Ok(())
+    }
+
+    /// A replay's wait: the record's edit for this step and phase, or no change. An edit that
+    /// no longer fits (the model or shapes changed) ends the run, naming it.
+    fn replay_answer(
+        &mut self,
+        now: Instant,
+        on: Awaited,
+        step_index: usize,
+        since: Instant,
+        metrics: &Metrics,
+    ) -> Result<(), EngineError> {
+        let Awaited::Reply(hook) = on else {
+            return Err(EngineError::Internal(
+                "a replay waits for no step selection".into(),
+            ));
+        };
+        let script = self
+            .meta
+            .script
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal("not a replay".into()))?;
+        let due = script.front().is_some_and(|e| {
+            e.step_index as usize == step_index && Hook::from_wire(e.phase) == Some(hook)
+        });
+        let reply = match script.pop_front() {
+            Some(edit) if due => edit,
+            other => {
+                // Not this wait's edit: put it back; this wait changes nothing.
+                if let Some(edit) = other {
+                    script.push_front(edit);
+                }
+                proto::StepReply {
+                    step_index: step_index as u32,
+                    phase: hook.proto() as i32,
+                    ..Default::default()
+                }
+            }
+        };
+        // A replay asked for a record records what it applied: the same edits again.
+        let kept = (self.meta.record.is_some() && changes_something(&reply)).then(|| reply.clone());
+        let control = self.check(hook, reply).map_err(|(field, reason)| {
+            let at = format!("step {step_index} ({})", hook.name());
+            EngineError::InvalidRequest {
+                field: "start.replay.edits".into(),
+                reason: format!("the edit at {at} does not fit this run: {field}: {reason}"),
+            }
+        })?;
+        if let (Some(record), Some(reply)) = (self.meta.record.as_mut(), kept) {
+            record.edits.push(reply);
+        }
+        self.resume(now, since, on, Some(control), metrics)
     }
 
     /// The wait is over: apply the answer (if any) where the step stands, and go on.
@@ -381,10 +451,27 @@ impl<'m> Live<'m> {
             )),
             (Awaited::Reply(_), ClientInput::Steps(_)) => Err((
                 "steps".into(),
-                "a step selection is taken only once, before step 0, with                  CallbackOptions.await_steps"
+                "a step selection is taken only once, before step 0, with CallbackOptions.await_steps"
                     .into(),
             )),
-            (Awaited::Reply(hook), ClientInput::Reply(reply)) => self.check(hook, reply).map(Some),
+            (Awaited::Reply(hook), ClientInput::Reply(reply)) => {
+                // Kept as sent (tensor bytes included) when a record is asked for and the reply
+                // changes something: the replay decodes the same bytes the same way.
+                let kept = self
+                    .meta
+                    .record
+                    .is_some()
+                    .then(|| changes_something(&reply).then(|| reply.clone()))
+                    .flatten();
+                let control = self.check(hook, reply)?;
+                if let (Some(record), Some(reply)) = (self.meta.record.as_mut(), kept) {
+                    record.edits.push(proto::StepReply {
+                        phase: hook.proto() as i32,
+                        ..reply
+                    });
+                }
+                Ok(Some(control))
+            }
         }
     }
 
@@ -553,7 +640,10 @@ impl<'m> Live<'m> {
         metrics.step_latency.observe_ms(state.step_ms);
         let i = state.step_index;
         if let Some(sub) = self.sub.as_ref().filter(|s| s.sends(Hook::End, i)) {
-            let event = event(&state, sub, Hook::End)?;
+            let mut event = event(&state, sub, Hook::End)?;
+            if let Some(spec) = sub.preview_at(i) {
+                event.previews = previews(session, spec)?;
+            }
             if sub.waits(i) {
                 self.phase = Phase::Waiting {
                     on: Awaited::Reply(Hook::End),
@@ -584,6 +674,10 @@ impl<'m> Live<'m> {
         let i = session.next_step();
         let sub = self.sub.as_ref();
         session.hold_after_guidance(sub.is_some_and(|s| s.sends(Hook::Guidance, i)));
+        session.keep_x0(
+            sub.and_then(|s| s.preview_at(i))
+                .is_some_and(|p| p.source == preview::Source::X0),
+        );
         self.phase = Phase::Ready;
         if let Some(sub) = sub.filter(|s| s.sends(Hook::Begin, i)) {
             let tensors = session.callback_tensors();
@@ -644,6 +738,7 @@ impl<'m> Live<'m> {
             interrupted: output.interrupted,
             seed: self.meta.seed,
             request_id: self.meta.request_id.clone(),
+            replay: self.meta.record.take(),
             timings: Some(proto::Timings {
                 queue_ms: self.meta.queue_ms,
                 encode_ms: t.encode_ms,
@@ -661,6 +756,11 @@ impl<'m> Live<'m> {
         self.push(Kind::Completed(completed));
         self.flush(now)
     }
+}
+
+/// Whether a reply changes anything (a reply that changes nothing is left out of a record).
+fn changes_something(r: &proto::StepReply) -> bool {
+    r.guidance_scale.is_some() || r.interrupt || !r.tensors.is_empty() || !r.lora_scales.is_empty()
 }
 
 /// The event of `state` at `hook` for `sub`: only the subscribed tensors leave the device, in
@@ -687,5 +787,43 @@ fn event(
         reply_required: sub.waits(state.step_index),
         step_ms: state.step_ms,
         phase: hook.proto() as i32,
+        previews: Vec::new(),
     })
+}
+
+/// The previews of a session's last step for `spec`. Tensor work on the device thread, like
+/// the step itself; the linear map is a few thousand multiply-adds per item.
+fn previews(session: &Session<'_>, spec: &PreviewSpec) -> Result<Vec<proto::Preview>, EngineError> {
+    let latents = match spec.source {
+        preview::Source::Latents => session.latents(),
+        preview::Source::X0 => session
+            .last_x0()
+            .ok_or_else(|| EngineError::Internal("no x0 was kept for the preview".into()))?,
+    };
+    let model = session.model();
+    let rgb = match (spec.decoder, &model.preview_decoder) {
+        (preview::Decoder::Linear, _) => preview::linear_rgb(model.family, latents, &spec.items),
+        (preview::Decoder::Tiny, Some(tiny)) => preview::tiny_rgb(tiny, latents, &spec.items),
+        (preview::Decoder::Tiny, None) => {
+            return Err(EngineError::Internal(
+                "the model has no preview decoder".into(),
+            ))
+        }
+    }
+    .map_err(EngineError::from)?;
+    rgb.into_iter()
+        .map(|(item, bytes, w, h)| {
+            let p = preview::encode(item, bytes, w, h, spec.max_side, spec.format)
+                .map_err(EngineError::from)?;
+            Ok(proto::Preview {
+                item: p.item as u32,
+                image: Some(proto::Image {
+                    data: p.data,
+                    mime_type: p.mime_type.into(),
+                    width: p.width,
+                    height: p.height,
+                }),
+            })
+        })
+        .collect()
 }

@@ -155,6 +155,8 @@ pub struct EngineConfig {
     pub max_tensor_bytes: usize,
     /// LoRAs to attach at load, `(model id, file)`, in the order requests see them.
     pub loras: Vec<(String, Arc<crate::models::lora::LoraFile>)>,
+    /// TAESD folders for step previews, `(model id, AutoencoderTiny folder)`.
+    pub preview_decoders: Vec<(String, std::path::PathBuf)>,
 }
 
 impl EngineConfig {
@@ -273,6 +275,10 @@ pub struct Job {
     pub admitted: Instant,
     /// The request's tracing span.
     pub span: tracing::Span,
+    /// A replay's edits, applied by the session itself in loop order (`None`: not a replay).
+    pub replay: Option<Vec<proto::StepReply>>,
+    /// The record to fill for `Completed.replay` (the resolved request, no edits yet).
+    pub record: Option<proto::ReplayRecord>,
 }
 
 impl Job {
@@ -481,6 +487,10 @@ fn model_card(m: &StableDiffusionModel, device: &Device) -> proto::ModelInfo {
                 modules: l.modules.clone(),
             })
             .collect(),
+        preview_decoders: std::iter::once("linear")
+            .chain(m.preview_decoder.as_ref().map(|_| "taesd"))
+            .map(String::from)
+            .collect(),
     }
 }
 
@@ -506,6 +516,17 @@ fn worker(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "fused kernel check could not run"),
     }
+    if let Some((model, dir)) = config
+        .preview_decoders
+        .iter()
+        .find(|(model, _)| !config.models.iter().any(|(id, _)| id == model))
+    {
+        let _ = ready.send(Err(ModelError::Unsupported {
+            path: dir.display().to_string(),
+            reason: format!("a preview decoder for model `{model}`, which is not served"),
+        }));
+        return;
+    }
     if let Some((model, file)) = config
         .loras
         .iter()
@@ -529,6 +550,11 @@ fn worker(
                 for (_, file) in config.loras.iter().filter(|(model, _)| model == id) {
                     let info = m.add_lora(file)?;
                     tracing::info!(model = %id, lora = %info.name, format = info.format.as_str(), rank = info.rank, modules = info.modules.len(), "LoRA attached");
+                }
+                if let Some((_, dir)) = config.preview_decoders.iter().find(|(model, _)| model == id) {
+                    let tiny = crate::models::taesd::TinyDecoder::load(dir, &config.device, config.dtype)?;
+                    tracing::info!(model = %id, dir = %dir.display(), "preview decoder loaded");
+                    m.preview_decoder = Some(tiny);
                 }
                 Ok(m)
             });

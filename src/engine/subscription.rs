@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::pipeline::preview::PreviewSpec;
 use crate::proto;
 
 /// Where in a step an event is sent (`proto::CallbackPhase`), in loop order.
@@ -76,6 +77,8 @@ pub struct Subscription {
     pub hooks: Vec<Hook>,
     /// No step sends an event (a selection said `no_steps`).
     pub no_steps: bool,
+    /// Previews on STEP_END events.
+    pub preview: Option<PreviewSpec>,
 }
 
 impl Subscription {
@@ -96,6 +99,13 @@ impl Subscription {
     /// Whether step `i` sends an event at `hook`.
     pub fn sends(&self, hook: Hook, i: usize) -> bool {
         self.hooks.contains(&hook) && self.wants(i)
+    }
+
+    /// The previews step `i`'s STEP_END event carries, if any.
+    pub fn preview_at(&self, i: usize) -> Option<&PreviewSpec> {
+        self.preview
+            .as_ref()
+            .filter(|p| p.at(i) && self.sends(Hook::End, i))
     }
 
     /// Whether step `i`'s events wait for a reply.

@@ -10,6 +10,7 @@ pub mod lora;
 pub mod pipeline_model;
 pub mod source;
 pub mod synthetic;
+pub mod taesd;
 pub(crate) mod tensor_file;
 pub mod tokenizer;
 pub mod unet;

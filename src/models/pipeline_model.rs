@@ -114,6 +114,8 @@ pub struct StableDiffusionModel {
     pub lora_scales: Arc<LoraScales>,
     /// The adaptable layers of each network.
     lora_slots: HashMap<Target, Slots>,
+    /// TAESD / TAESDXL for step previews (`serve --preview-decoder`).
+    pub preview_decoder: Option<crate::models::taesd::TinyDecoder>,
 }
 
 /// The tensors a callback may read and replace for SD 1.x/2.x (diffusers' `_callback_tensor_inputs`).
@@ -275,6 +277,7 @@ impl StableDiffusionModel {
             dtype,
             loras: Vec::new(),
             lora_scales: Arc::new(LoraScales::default()),
+            preview_decoder: None,
             lora_slots,
         })
     }

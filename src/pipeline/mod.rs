@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use crate::models::ModelError;
 use crate::schedulers::SchedulerError;
 
+pub mod preview;
 pub mod sd;
 pub mod session;
 

@@ -108,6 +108,10 @@ pub struct Session<'m> {
     hold_guidance: bool,
     /// The step in progress, held after guidance.
     guided: Option<Guided>,
+    /// Whether the next step keeps its x0 (see [`Session::keep_x0`]).
+    keep_x0: bool,
+    /// The x0 estimate of the last step, when it was kept.
+    last_x0: Option<Tensor>,
 }
 
 impl<'m> Session<'m> {
@@ -143,7 +147,28 @@ impl<'m> Session<'m> {
             sigmas: p.sigmas,
             hold_guidance: false,
             guided: None,
+            keep_x0: false,
+            last_x0: None,
         }
+    }
+
+    /// Whether the next step keeps the sampler's x0 estimate (for a preview of it), readable
+    /// after the step as [`Session::last_x0`].
+    pub fn keep_x0(&mut self, keep: bool) {
+        self.keep_x0 = keep;
+        if !keep {
+            self.last_x0 = None;
+        }
+    }
+
+    /// The last step's x0 estimate, when [`Session::keep_x0`] asked for it.
+    pub fn last_x0(&self) -> Option<&Tensor> {
+        self.last_x0.as_ref()
+    }
+
+    /// The latents `[B, C, h, w]` as the loop holds them (after the last step).
+    pub fn latents(&self) -> &Tensor {
+        &self.latents
     }
 
     /// Whether the next [`step_batch`] stops this session after guidance, before its scheduler
@@ -218,10 +243,18 @@ impl<'m> Session<'m> {
                 reason: "no step is held after guidance".into(),
             });
         };
-        let eps = match noise_pred {
-            Some(t) => t.to_dtype(DType::F32)?.to_device(&self.model.device)?,
-            None => g.noise_pred,
+        let (eps, x0) = match noise_pred {
+            Some(t) => (t.to_dtype(DType::F32)?.to_device(&self.model.device)?, None),
+            None => (g.noise_pred, Some(g.x0)),
         };
+        if self.keep_x0 {
+            self.last_x0 = Some(match x0 {
+                Some(x0) => x0,
+                None => self
+                    .scheduler
+                    .pred_original_sample(&eps, self.next, &self.latents)?,
+            });
+        }
         self.advance(&eps)?;
         self.end_step(g.cfg, g.ms, Instant::now())
     }
@@ -686,6 +719,13 @@ pub fn step_batch(sessions: &mut [&mut Session<'_>], sync: bool) -> Result<f64, 
                 ms: 0.0,
             });
         } else {
+            if s.keep_x0 {
+                s.last_x0 = Some(s.scheduler.pred_original_sample(
+                    &noise_pred,
+                    s.next,
+                    &s.latents,
+                )?);
+            }
             s.advance(&noise_pred)?;
         }
     }

@@ -90,8 +90,19 @@ impl DiffusionService {
         timeout: Option<Duration>,
     ) -> Result<Started, EngineError> {
         let started_at = Instant::now();
+        // A replay runs the record's request; its edits become a subscription the session
+        // answers itself.
+        let (req, replay) = validation::unwrap_replay(req)?;
         let (index, card) = self.engine.find_model(&req.model)?;
-        let valid = validation::validate(&req, card, &self.limits)?;
+        let mut valid = validation::validate(&req, card, &self.limits)?;
+        if let Some(edits) = &replay {
+            valid.subscription = validation::replay_subscription(
+                edits,
+                card,
+                &self.limits,
+                valid.params.num_images_per_prompt,
+            )?;
+        }
         let p = &valid.params;
         let per_step =
             p.guidance_plan != Default::default() || p.loras.iter().any(|l| l.schedule.is_some());
@@ -101,17 +112,25 @@ impl DiffusionService {
                 .engine
                 .num_timesteps(index, &p.scheduler, p.num_inference_steps)?;
             if let Some(sub) = &valid.subscription {
-                validation::check_step_indices(sub, n)?;
+                validation::check_step_indices(sub, n).map_err(|e| {
+                    if replay.is_some() {
+                        validation::misfit(e)
+                    } else {
+                        e
+                    }
+                })?;
             }
             validation::check_schedules(p, n)?;
         }
         let (slot, ahead) = self.engine.admit()?;
         let request_id = format!("{:016x}", validation::random_u64());
-        let observe_only = valid
-            .subscription
-            .as_ref()
-            .map(|s| s.observe_only)
-            .unwrap_or(true);
+        // A replay takes no replies: its session answers itself.
+        let observe_only = replay.is_some()
+            || valid
+                .subscription
+                .as_ref()
+                .map(|s| s.observe_only)
+                .unwrap_or(true);
         let await_steps = valid.subscription.as_ref().is_some_and(|s| s.await_steps);
         let span = tracing::info_span!("generate", request_id = %request_id, model = %card.id);
         span.in_scope(|| {
@@ -158,6 +177,14 @@ impl DiffusionService {
             admitted: started_at,
             deadline: timeout.map(|t| (started_at + t, t)),
             span,
+            replay,
+            record: valid.record.map(|request| proto::ReplayRecord {
+                version: 1,
+                request: Some(Box::new(request)),
+                edits: Vec::new(),
+                device: card.device.clone(),
+                dtype: card.dtype.clone(),
+            }),
         })?;
         Ok(Started {
             events: events_rx,

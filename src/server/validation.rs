@@ -7,6 +7,7 @@ use crate::engine::{
     sorted, steps_in_range, EngineError, Hook, RequestTensors, Subscription, GUIDANCE_TENSORS,
 };
 use crate::pipeline::check_lora_scale;
+use crate::pipeline::preview::PreviewSpec;
 use crate::pipeline::sd::{Cutoff, GenerateParams, GuidancePlan, LoraUse};
 use crate::proto;
 
@@ -53,6 +54,11 @@ fn invalid(field: &str, reason: impl Into<String>) -> EngineError {
     }
 }
 
+/// An enum field set to a value this server does not know.
+fn unknown(field: &str, value: i32) -> EngineError {
+    invalid(field, format!("unknown value {value}"))
+}
+
 /// `value` (in `unit`) must not exceed `limit`.
 fn at_most(field: &str, value: u64, limit: u64, unit: &str) -> Result<(), EngineError> {
     if value > limit {
@@ -88,6 +94,8 @@ pub struct Validated {
     pub subscription: Option<Subscription>,
     /// Whether to send the final latents.
     pub return_latents: bool,
+    /// The request as resolved, for `Completed.replay` (when `output.return_replay`).
+    pub record: Option<proto::GenerateRequest>,
 }
 
 /// Checks `req` against the model card and limits.
@@ -193,12 +201,12 @@ pub fn validate(
     }
     let output = req.output.unwrap_or_default();
     let format = proto::ImageFormat::try_from(output.format)
-        .map_err(|_| invalid("output.format", format!("unknown value {}", output.format)))?;
+        .map_err(|_| unknown("output.format", output.format))?;
     let decode = format != proto::ImageFormat::None;
     let subscription = req
         .callback
         .as_ref()
-        .map(|c| validate_callback(c, model, limits))
+        .map(|c| validate_callback(c, model, limits, images as usize))
         .transpose()?;
     let loras = validate_loras(&req.loras, model)?;
     let guidance_plan = validate_guidance_plan(req.guidance_plan.as_ref())?;
@@ -221,6 +229,7 @@ pub fn validate(
         loras,
         guidance_plan,
     };
+    let record = output.return_replay.then(|| resolved(req, model, &params));
     Ok(Validated {
         params,
         tensors: RequestTensors {
@@ -230,7 +239,141 @@ pub fn validate(
         },
         subscription,
         return_latents: output.return_latents || !decode,
+        record,
     })
+}
+
+/// `req` with every default filled in from `params` (what validation resolved it to), for a
+/// replay record: model id, seed, size, steps, guidance, images, eta, guidance_rescale, LoRA
+/// scales. `scheduler` stays as given: "" is the model's own config, fixed by the model.
+fn resolved(
+    req: &proto::GenerateRequest,
+    model: &proto::ModelInfo,
+    params: &GenerateParams,
+) -> proto::GenerateRequest {
+    proto::GenerateRequest {
+        model: model.id.clone(),
+        num_inference_steps: params.num_inference_steps as u32,
+        guidance_scale: Some(params.guidance_scale as f32),
+        width: Some(params.width as u32),
+        height: Some(params.height as u32),
+        seed: Some(params.seed),
+        num_images_per_prompt: params.num_images_per_prompt as u32,
+        eta: Some(params.eta as f32),
+        guidance_rescale: Some(params.guidance_rescale as f32),
+        loras: req
+            .loras
+            .iter()
+            .map(|l| proto::LoraRequest {
+                scale: Some(l.scale.unwrap_or(1.0)),
+                ..l.clone()
+            })
+            .collect(),
+        callback: None,
+        output: None,
+        replay: None,
+        ..req.clone()
+    }
+}
+
+/// A replay request's generation: the record's request with the caller's `output`, and the
+/// record's edits. The caller sets nothing else (the record is the whole request).
+pub fn unwrap_replay(
+    mut req: proto::GenerateRequest,
+) -> Result<(proto::GenerateRequest, Option<Vec<proto::StepReply>>), EngineError> {
+    let Some(record) = req.replay.take() else {
+        return Ok((req, None));
+    };
+    let output = req.output.take();
+    if req != proto::GenerateRequest::default() {
+        return Err(invalid(
+            "replay",
+            "a replay request sets only `replay` and `output`: the record holds the rest",
+        ));
+    }
+    if record.version != 1 {
+        return Err(invalid(
+            "replay.version",
+            format!(
+                "version {} is not known to this server (it reads 1)",
+                record.version
+            ),
+        ));
+    }
+    let mut inner = *record
+        .request
+        .ok_or_else(|| invalid("replay.request", "the record has no request"))?;
+    if inner.replay.is_some() || inner.callback.is_some() {
+        return Err(invalid(
+            "replay.request",
+            "a recorded request has no callback and no replay of its own",
+        ));
+    }
+    let mut last: Option<(u32, Hook)> = None;
+    for (k, e) in record.edits.iter().enumerate() {
+        let hook = Hook::from_wire(e.phase)
+            .ok_or_else(|| unknown(&format!("replay.edits[{k}].phase"), e.phase))?;
+        if last.is_some_and(|l| l >= (e.step_index, hook)) {
+            return Err(invalid(
+                &format!("replay.edits[{k}]"),
+                "edits must come in loop order, one per step and phase",
+            ));
+        }
+        last = Some((e.step_index, hook));
+    }
+    inner.output = output;
+    Ok((inner, Some(record.edits)))
+}
+
+/// The subscription a replay runs under: the server waits (on itself) at every step and phase
+/// an edit names, with the tensors the edits replace. Errors name the record.
+pub fn replay_subscription(
+    edits: &[proto::StepReply],
+    model: &proto::ModelInfo,
+    limits: &Limits,
+    images: usize,
+) -> Result<Option<Subscription>, EngineError> {
+    if edits.is_empty() {
+        return Ok(None);
+    }
+    let mut tensor_inputs: Vec<String> = Vec::new();
+    for e in edits {
+        for name in e.tensors.keys() {
+            if !tensor_inputs.contains(name) {
+                tensor_inputs.push(name.clone());
+            }
+        }
+    }
+    tensor_inputs.sort();
+    let mut phases: Vec<i32> = edits
+        .iter()
+        .map(|e| Hook::from_wire(e.phase).unwrap_or(Hook::End).proto() as i32)
+        .collect();
+    phases.sort_unstable();
+    phases.dedup();
+    let c = proto::CallbackOptions {
+        tensor_inputs,
+        step_indices: sorted(&edits.iter().map(|e| e.step_index).collect::<Vec<_>>()),
+        phases,
+        ..Default::default()
+    };
+    validate_callback(&c, model, limits, images)
+        .map(Some)
+        .map_err(misfit)
+}
+
+/// An error of a replay's own subscription, said of the record.
+pub fn misfit(e: EngineError) -> EngineError {
+    match e {
+        EngineError::InvalidRequest { field, reason } => EngineError::InvalidRequest {
+            field: "start.replay.edits".into(),
+            reason: format!(
+                "the record does not fit this model: {}: {reason}",
+                field.trim_start_matches("start.")
+            ),
+        },
+        other => other,
+    }
 }
 
 /// A request's LoRAs: names the model serves, each once, with finite bounded scales and a
@@ -371,19 +514,94 @@ pub fn check_schedules(params: &GenerateParams, n: usize) -> Result<(), EngineEr
     Ok(())
 }
 
+/// The preview subscription: items within the batch, a decoder the model has, STEP_END among
+/// the phases (previews ride on its events), a JPEG quality in 1..=100.
+fn validate_preview(
+    p: &proto::PreviewOptions,
+    model: &proto::ModelInfo,
+    hooks: &[Hook],
+    images: usize,
+    limits: &Limits,
+) -> Result<PreviewSpec, EngineError> {
+    use crate::pipeline::preview::{Decoder, Format, Source};
+    if !hooks.contains(&Hook::End) {
+        return Err(invalid(
+            "callback.preview",
+            "previews travel on STEP_END events: add CALLBACK_PHASE_STEP_END to callback.phases",
+        ));
+    }
+    let source = match proto::PreviewSource::try_from(p.source) {
+        Ok(proto::PreviewSource::Latents) => Source::Latents,
+        Ok(proto::PreviewSource::X0 | proto::PreviewSource::Unspecified) => Source::X0,
+        Err(_) => return Err(unknown("callback.preview.source", p.source)),
+    };
+    let decoder = match proto::PreviewDecoder::try_from(p.decoder) {
+        Ok(proto::PreviewDecoder::Taesd) => {
+            if !model.preview_decoders.iter().any(|d| d == "taesd") {
+                return Err(invalid(
+                    "callback.preview.decoder",
+                    format!(
+                        "model `{}` has no TAESD decoder (serve --preview-decoder); it has: {}",
+                        model.id,
+                        model.preview_decoders.join(", ")
+                    ),
+                ));
+            }
+            Decoder::Tiny
+        }
+        Ok(proto::PreviewDecoder::Linear | proto::PreviewDecoder::Unspecified) => Decoder::Linear,
+        Err(_) => return Err(unknown("callback.preview.decoder", p.decoder)),
+    };
+    let format = match proto::PreviewFormat::try_from(p.format) {
+        Ok(proto::PreviewFormat::Jpeg) => match p.jpeg_quality {
+            0 => Format::Jpeg(80),
+            q @ 1..=100 => Format::Jpeg(q as u8),
+            q => {
+                return Err(invalid(
+                    "callback.preview.jpeg_quality",
+                    format!("{q} is not in 1..=100"),
+                ))
+            }
+        },
+        Ok(proto::PreviewFormat::Png | proto::PreviewFormat::Unspecified) => Format::Png,
+        Err(_) => return Err(unknown("callback.preview.format", p.format)),
+    };
+    if p.max_side > limits.max_side {
+        return Err(invalid(
+            "callback.preview.max_side",
+            format!(
+                "{} exceeds the server's max side of {}",
+                p.max_side, limits.max_side
+            ),
+        ));
+    }
+    let items: Vec<usize> = sorted(&p.items).into_iter().map(|i| i as usize).collect();
+    if let Some(&bad) = items.iter().find(|&&i| i >= images) {
+        return Err(invalid(
+            "callback.preview.items",
+            format!("item {bad} is out of range: this request makes {images} images"),
+        ));
+    }
+    Ok(PreviewSpec {
+        source,
+        items,
+        max_side: p.max_side,
+        format,
+        every: p.every,
+        decoder,
+    })
+}
+
 fn validate_callback(
     c: &proto::CallbackOptions,
     model: &proto::ModelInfo,
     limits: &Limits,
+    images: usize,
 ) -> Result<Subscription, EngineError> {
     let mut hooks = Vec::with_capacity(c.phases.len());
     for (i, &p) in c.phases.iter().enumerate() {
-        let hook = Hook::from_wire(p).ok_or_else(|| {
-            invalid(
-                &format!("callback.phases[{i}]"),
-                format!("unknown value {p}"),
-            )
-        })?;
+        let hook =
+            Hook::from_wire(p).ok_or_else(|| unknown(&format!("callback.phases[{i}]"), p))?;
         hooks.push(hook);
     }
     if hooks.is_empty() {
@@ -456,21 +674,12 @@ fn validate_callback(
             ),
         ));
     }
-    let on_timeout = proto::TimeoutAction::try_from(c.on_timeout).map_err(|_| {
-        invalid(
-            "callback.on_timeout",
-            format!("unknown value {}", c.on_timeout),
-        )
-    })?;
+    let on_timeout = proto::TimeoutAction::try_from(c.on_timeout)
+        .map_err(|_| unknown("callback.on_timeout", c.on_timeout))?;
     let wire_dtype = match proto::DType::try_from(c.wire_dtype) {
         Ok(proto::DType::DtypeUnspecified) => proto::DType::DtypeF32,
         Ok(d) => d,
-        Err(_) => {
-            return Err(invalid(
-                "callback.wire_dtype",
-                format!("unknown value {}", c.wire_dtype),
-            ))
-        }
+        Err(_) => return Err(unknown("callback.wire_dtype", c.wire_dtype)),
     };
     let reply_steps = sorted(&c.reply_step_indices);
     if c.observe_only && !reply_steps.is_empty() {
@@ -489,6 +698,11 @@ fn validate_callback(
         on_timeout,
         wire_dtype,
         await_steps: c.await_steps,
+        preview: c
+            .preview
+            .as_ref()
+            .map(|p| validate_preview(p, model, &hooks, images, limits))
+            .transpose()?,
         hooks,
         no_steps: false,
     })
@@ -649,7 +863,7 @@ mod tests {
                 proto::GenerateRequest {
                     output: Some(proto::OutputOptions {
                         format: 9,
-                        return_latents: false,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },
@@ -717,7 +931,7 @@ mod tests {
             }),
             output: Some(proto::OutputOptions {
                 format: proto::ImageFormat::None as i32,
-                return_latents: false,
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -152,6 +152,7 @@ pub fn preset_request(
         output: Some(proto::OutputOptions {
             format: proto::ImageFormat::Png as i32,
             return_latents: true,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -28,6 +28,8 @@ pub struct Options {
     pub config: ServerConfig,
     /// LoRAs to attach, `(model id, file)`.
     pub loras: Vec<(String, std::sync::Arc<stepstream::models::lora::LoraFile>)>,
+    /// Preview decoders, `(model id, AutoencoderTiny folder)`.
+    pub preview_decoders: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
                 ModelSource::Dir(super::model_dir("tiny-sd15")),
             )],
             loras: Vec::new(),
+            preview_decoders: Vec::new(),
         }
     }
 }
@@ -98,6 +101,14 @@ pub fn connect_lazy(addr: SocketAddr) -> DiffusionClient<Channel> {
     )
 }
 
+/// Both fixture models, tiny-sd15 first (the default), for `Options.models`.
+pub fn both_models() -> Vec<(String, ModelSource)> {
+    ["tiny-sd15", "tiny-sdxl"]
+        .iter()
+        .map(|m| (m.to_string(), ModelSource::Dir(super::model_dir(m))))
+        .collect()
+}
+
 /// Starts a server with `opts` on an ephemeral loopback port.
 pub async fn start(opts: Options) -> TestServer {
     let limits = Limits {
@@ -115,6 +126,7 @@ pub async fn start(opts: Options) -> TestServer {
         default_reply_timeout: limits.default_reply_timeout,
         max_tensor_bytes: limits.max_tensor_bytes,
         loras: opts.loras,
+        preview_decoders: opts.preview_decoders,
     })
     .await
     .expect("engine starts");

@@ -87,6 +87,38 @@ impl Session {
     }
 }
 
+/// Runs `req` on a Generate stream, answering each event that waits with `answer`: every
+/// event, in order, and Completed (or the status that ended the stream).
+pub async fn run(
+    client: &mut DiffusionClient<Channel>,
+    req: proto::GenerateRequest,
+    mut answer: impl FnMut(&proto::StepEnd) -> proto::StepReply,
+) -> Result<(Vec<proto::StepEnd>, proto::Completed), Status> {
+    let mut s = Session::start(client, req).await?;
+    let mut events = Vec::new();
+    loop {
+        match s.next().await?.expect("an event") {
+            Kind::StepEnd(step) => {
+                if step.reply_required {
+                    s.reply(answer(&step)).await;
+                }
+                events.push(step);
+            }
+            Kind::Completed(c) => return Ok((events, c)),
+            Kind::Accepted(_) | Kind::Queued(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A reply to `step` at its phase that changes nothing.
+pub fn reply_to(step: &proto::StepEnd) -> proto::StepReply {
+    proto::StepReply {
+        phase: step.phase,
+        ..ok_reply(step.step_index)
+    }
+}
+
 /// An empty reply to `step`.
 pub fn ok_reply(step: u32) -> proto::StepReply {
     proto::StepReply {

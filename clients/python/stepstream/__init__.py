@@ -37,7 +37,7 @@ from .errors import (
     StatusError,
     StepstreamError,
 )
-from .pipeline import Generator, PipelineOutput, RemotePipeline, StepSession
+from .pipeline import Generator, PipelineOutput, RemotePipeline, StepSession, load_replay, save_replay
 from .retry import RetryPolicy
 from .tensors import TensorArray
 
@@ -48,6 +48,8 @@ __all__ = [
     "RetryPolicy",
     "StepSession",
     "PipelineOutput",
+    "save_replay",
+    "load_replay",
     "Generator",
     "TensorArray",
     "PipelineCallback",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import math
 import queue
 import threading
@@ -83,7 +84,9 @@ class PipelineOutput:
 
     ``images``: PIL images (``output_type="pil"``), a float32 NHWC array in [0, 1] (``"np"``), a
     float NCHW torch tensor (``"pt"``) or the final latents (``"latent"``). ``latents`` holds the
-    final latents when ``return_latents=True`` (or ``output_type="latent"``)."""
+    final latents when ``return_latents=True`` (or ``output_type="latent"``). ``replay`` holds the
+    run's replay record (a ``ReplayRecord`` message) when ``return_replay=True``: see
+    :meth:`RemotePipeline.replay`, :func:`save_replay` and :func:`load_replay`."""
 
     images: Any
     nsfw_content_detected: Optional[List[bool]] = None
@@ -92,6 +95,7 @@ class PipelineOutput:
     interrupted: bool = False
     request_id: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
+    replay: Any = None
 
     def __getitem__(self, i):
         return (self.images, self.nsfw_content_detected)[i]
@@ -621,8 +625,11 @@ class RemotePipeline:
         callback_on_step_begin_tensor_inputs: Optional[List[str]] = None,
         callback_after_guidance: Optional[Callable] = None,
         callback_after_guidance_tensor_inputs: Optional[List[str]] = None,
+        callback_on_preview: Optional[Callable] = None,
+        preview_options: Optional[Dict[str, Any]] = None,
         observe_only: bool = False,
         return_latents: bool = False,
+        return_replay: bool = False,
         reply_timeout_ms: Optional[int] = None,
         on_timeout: str = "abort",
         wire_dtype: Optional[str] = None,
@@ -653,9 +660,19 @@ class RemotePipeline:
         ``noise_pred_text`` (``None`` without CFG), ``pred_original_sample`` (the scheduler's
         x0) and ``latents``, as listed in ``callback_after_guidance_tensor_inputs`` (default
         ``["noise_pred"]``); a returned ``noise_pred`` is what the scheduler step takes.
+        ``callback_on_preview``: called as ``callback_on_preview(pipe, step_index, timestep,
+        previews)`` at each step that has previews, ``previews`` being ``{batch item: PIL
+        image}``; it only watches (what it returns is ignored). ``preview_options``: a dict of
+        ``source`` (``"x0"``, the default, or ``"latents"``), ``items`` (batch items; default
+        all), ``max_side`` (pixels; 0: the decoder's own size), ``format`` (``"png"``, ``"jpeg"``),
+        ``jpeg_quality``, ``every`` (every N-th step) and ``decoder`` (``"linear"``, the default,
+        or ``"taesd"`` where ``list_models`` lists it in ``preview_decoders``).
         ``observe_only``: the callback only watches: the server never waits, and a callback that
         changes anything raises.
         ``return_latents``: also return the final latents (``output.latents``).
+        ``return_replay``: also return the run's replay record (``output.replay``): the request as
+        the server resolved it and every change the callbacks made, to run again with
+        :meth:`replay`.
         ``reply_timeout_ms`` / ``on_timeout`` (``"abort"``, ``"continue"``): the reply deadline.
         ``wire_dtype``: ``"f32"`` (default), ``"f16"`` or ``"bf16"`` for tensors on the wire.
         ``reply_retries``: how often a rejected reply may be retried: the callback runs again for
@@ -716,6 +733,7 @@ class RemotePipeline:
             req.guidance_plan.schedule.extend(float(g) for g in guidance_schedule)
         req.output.format = pb.IMAGE_FORMAT_NONE if output_type == "latent" else pb.IMAGE_FORMAT_PNG
         req.output.return_latents = bool(return_latents)
+        req.output.return_replay = bool(return_replay)
 
         plan: Optional[_Plan] = None
         callbacks: Dict[int, Callable] = {}
@@ -738,7 +756,13 @@ class RemotePipeline:
                 names = default  # diffusers' default for callback_on_step_end
             callbacks[phase] = fn
             inputs[phase] = list(dict.fromkeys(names))
-        if not callbacks:
+        preview = _preview_options(preview_options) if callback_on_preview is not None else None
+        if preview_options is not None and preview is None:
+            raise ValueError("preview_options needs callback_on_preview")
+        if preview is not None and not callbacks:
+            # Previews alone: every step's STEP_END observed, the server never waits.
+            observe_only = True
+        if not callbacks and preview is None:
             if observe_only:
                 raise ValueError("observe_only needs a callback to call")
         else:
@@ -750,6 +774,8 @@ class RemotePipeline:
                 tensor_inputs=list(dict.fromkeys(n for names in inputs.values() for n in names)),
                 callbacks=callbacks,
                 inputs=inputs,
+                preview=preview,
+                on_preview=callback_on_preview,
                 steps=steps,
                 observe_only=observe_only,
                 reply_timeout_ms=reply_timeout_ms,
@@ -772,6 +798,33 @@ class RemotePipeline:
         finally:
             calls.pop()
             self._finish_call(call, req)
+
+    def replay(
+        self,
+        record,
+        *,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_latents: bool = False,
+        return_replay: bool = False,
+        tensor_format: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ):
+        """Runs a replay record (``output.replay`` of a call with ``return_replay=True``, its
+        bytes, or a path :func:`save_replay` wrote) again, with no callback: the server applies
+        the recorded changes itself and makes the same image, bit for bit, on the same device
+        and dtype. A record that no longer fits the server's model raises
+        :class:`~stepstream.errors.InvalidRequestError` naming it."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        req = pb.GenerateRequest()
+        req.replay.CopyFrom(_as_record(record))
+        req.output.format = pb.IMAGE_FORMAT_NONE if output_type == "latent" else pb.IMAGE_FORMAT_PNG
+        req.output.return_latents = bool(return_latents)
+        req.output.return_replay = bool(return_replay)
+        fmt = tensors.resolve_format(tensor_format or self.tensor_format)
+        run = _Run(self, req, fmt, output_type, timeout)
+        return run.finish(run.once(), return_dict)
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -846,6 +899,8 @@ class _Plan:
     steps: Any  # None, an iterable of indices, or a function of num_timesteps
     callbacks: Dict[int, Callable] = field(default_factory=dict)  # by CallbackPhase
     inputs: Dict[int, List[str]] = field(default_factory=dict)  # each callback's own names
+    preview: Optional[pb.PreviewOptions] = None
+    on_preview: Optional[Callable] = None
     observe_only: bool = False
     reply_timeout_ms: Optional[int] = None
     on_timeout: str = "abort"
@@ -895,7 +950,13 @@ class _Run:
         cb.tensor_inputs.extend(plan.tensor_inputs)
         cb.observe_only = plan.observe_only
         cb.wire_dtype = plan.wire_dtype
-        cb.phases.extend(sorted(plan.callbacks) or [pb.CALLBACK_PHASE_STEP_END])
+        phases = set(plan.callbacks)
+        if plan.preview is not None:
+            # Previews ride on STEP_END events; without a step-end callback those are answered
+            # at once with no change.
+            phases.add(pb.CALLBACK_PHASE_STEP_END)
+            cb.preview.CopyFrom(plan.preview)
+        cb.phases.extend(sorted(phases) or [pb.CALLBACK_PHASE_STEP_END])
         if plan.reply_timeout_ms:
             cb.reply_timeout_ms = int(plan.reply_timeout_ms)
         cb.on_timeout = {"abort": pb.TIMEOUT_ACTION_ABORT, "continue": pb.TIMEOUT_ACTION_CONTINUE}[plan.on_timeout]
@@ -967,6 +1028,8 @@ class _Run:
                     if bar is not None:
                         bar.update(step.step_index + 1 - bar.n)
                         bar.set_postfix_str(f"{step.step_ms:.1f} ms/step", refresh=False)
+                    if step.previews and plan.on_preview is not None:
+                        plan.on_preview(session, step.step_index, step.timestep, _previews(step.previews))
                     reply = self._answer(session, step, plan, rejected=None)
                     if step.reply_required:
                         outbox.put(pb.ClientMessage(reply=reply))
@@ -1078,6 +1141,7 @@ class _Run:
             seed=done.seed,
             interrupted=done.interrupted,
             request_id=done.request_id,
+            replay=done.replay if done.HasField("replay") else None,
             timings={
                 "queue_ms": t.queue_ms,
                 "encode_ms": t.encode_ms,
@@ -1087,6 +1151,69 @@ class _Run:
             },
         )
         return out if return_dict else out.to_tuple()
+
+
+def save_replay(record, path) -> None:
+    """Writes a replay record (``output.replay``) to ``path`` as its protobuf bytes."""
+    with open(path, "wb") as f:
+        f.write(_as_record(record).SerializeToString())
+
+
+def load_replay(path) -> pb.ReplayRecord:
+    """Reads a replay record :func:`save_replay` (or ``stepstream generate --save-replay``)
+    wrote."""
+    with open(path, "rb") as f:
+        return _as_record(f.read())
+
+
+def _as_record(record) -> pb.ReplayRecord:
+    """A ReplayRecord from a record, its bytes, or a path to them."""
+    if isinstance(record, pb.ReplayRecord):
+        return record
+    if isinstance(record, (bytes, bytearray, memoryview)):
+        out = pb.ReplayRecord()
+        out.ParseFromString(bytes(record))
+        return out
+    if isinstance(record, (str, os.PathLike)):
+        return load_replay(record)
+    raise TypeError(f"a replay record must be a ReplayRecord, bytes or a path, not {type(record).__name__}")
+
+
+def _preview_options(options: Optional[Dict[str, Any]]) -> pb.PreviewOptions:
+    """``preview_options`` as the wire's PreviewOptions; an unknown key or value raises."""
+    options = dict(options or {})
+    choices = {
+        "source": {"x0": pb.PREVIEW_SOURCE_X0, "latents": pb.PREVIEW_SOURCE_LATENTS},
+        "format": {"png": pb.PREVIEW_FORMAT_PNG, "jpeg": pb.PREVIEW_FORMAT_JPEG},
+        "decoder": {"linear": pb.PREVIEW_DECODER_LINEAR, "taesd": pb.PREVIEW_DECODER_TAESD},
+    }
+    out = pb.PreviewOptions()
+    for key, values in choices.items():
+        if key in options:
+            value = options.pop(key)
+            if value not in values:
+                raise ValueError(f"preview_options[{key!r}] must be one of {sorted(values)}, not {value!r}")
+            setattr(out, key, values[value])
+    if "items" in options:
+        out.items.extend(int(i) for i in options.pop("items"))
+    for key in ("max_side", "every", "jpeg_quality"):
+        if key in options:
+            setattr(out, key, int(options.pop(key)))
+    if options:
+        raise ValueError(f"unknown preview_options: {', '.join(sorted(options))}")
+    return out
+
+
+def _previews(previews) -> Dict[int, Any]:
+    """A StepEnd's previews as ``{batch item: PIL image}``."""
+    from PIL import Image
+
+    out = {}
+    for p in previews:
+        img = Image.open(io.BytesIO(p.image.data))
+        img.load()
+        out[p.item] = img
+    return out
 
 
 _CALLBACK_NAMES = {

@@ -4,7 +4,8 @@ The server is `$STEPSTREAM_TARGET` when set (the Rust test `tests/python_client.
 sets it); otherwise `$STEPSTREAM_BIN` (default: the release build under target/) is started here.
 Either way it serves both fixture models, the tiny SD 1.5 one (`tiny-sd15`, the default) and the
 tiny SDXL one (`tiny-sdxl`); tests pick one with `RemotePipeline(target, model=...)`. The tiny
-SD 1.5 model has the LoRA fixtures `a` (diffusers format) and `b` (kohya format).
+SD 1.5 model has the LoRA fixtures `a` (diffusers format) and `b` (kohya format), and the tiny
+TAESD (`tiny-taesd`) as its preview decoder.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def target():
         [binary, "serve", "--addr", "127.0.0.1:0",
          "--model", str(FIXTURES / "models" / SD15), "--model", str(FIXTURES / "models" / SDXL),
          "--lora", f"a={FIXTURES / 'loras' / 'a.safetensors'}",
-         "--lora", f"b={FIXTURES / 'loras' / 'b-kohya.safetensors'}"],
+         "--lora", f"b={FIXTURES / 'loras' / 'b-kohya.safetensors'}",
+         "--preview-decoder", str(FIXTURES / "models" / "tiny-taesd")],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
