@@ -142,7 +142,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the planned sections (components, then G2, then G3), handing each finished section's
 /// Markdown to `emit` as soon as it is measured, and returns the whole report.
 pub async fn run(plan: BenchPlan, mut emit: impl FnMut(&str)) -> Result<Report, BenchError> {
-    let runs_of_kernels = kernel_runs(plan.kernels, &plan.device);
+    let runs_of_kernels = kernel_runs(plan.kernels);
     let mut report = Report {
         model: plan.model_id.clone(),
         device: plan.device_name.clone(),

@@ -73,7 +73,7 @@ struct BenchArgs {
     #[arg(long)]
     components: bool,
     /// Kernel implementations to time the components under: fused, reference or both (in the
-    /// same run, for a same-run ratio). The CPU has only the reference: one run there.
+    /// same run, for a same-run ratio).
     #[arg(long, default_value = "both")]
     kernels: stepstream::bench::KernelChoice,
     /// Skip the component timings and peak memory.
@@ -157,8 +157,9 @@ struct ServeArgs {
     /// Compute dtype: f32, f16 or bf16 (f16/bf16 are for GPUs).
     #[arg(long, env = "STEPSTREAM_DTYPE", default_value = "f32")]
     dtype: String,
-    /// GPU fast paths: `fused` (fused CUDA kernels, checked against the f32 reference at start)
-    /// or `reference` (plain candle ops). The CPU runs the reference either way.
+    /// Fast paths: `fused` (GPU: fused CUDA kernels, checked against the f32 reference at start;
+    /// CPU f32: Winograd/direct 3×3 convolutions, one-pass GroupNorm, copy-free attention) or
+    /// `reference` (plain candle ops).
     #[arg(long, env = "STEPSTREAM_KERNELS", default_value = "fused")]
     kernels: stepstream::kernels::KernelMode,
     /// Reply deadline in milliseconds when a request sets none.

@@ -300,7 +300,7 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert_eq!(v["model"], "tiny-sd15");
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["dtype"], "f32");
-    assert_eq!(v["kernels"], serde_json::json!(["reference (cpu)"]));
+    assert_eq!(v["kernels"], serde_json::json!(["fused", "reference"]));
     assert_eq!(v["size"], 64);
     assert!(
         v["kernel_checks"].is_null(),
@@ -384,8 +384,15 @@ fn bench_prints_every_section_then_one_json_line_with_every_key() {
     assert!(think["ratio"].as_f64().unwrap() > 0.0);
     assert_eq!(think["target_ratio"], 1.5);
 
+    // Four components under each kernel mode (`both` is the default, on the CPU too).
     let components = v["components"].as_array().unwrap();
-    assert_eq!(components.len(), 4);
+    assert_eq!(components.len(), 8);
+    for mode in ["fused", "reference"] {
+        assert_eq!(
+            components.iter().filter(|c| c["kernels"] == mode).count(),
+            4
+        );
+    }
     assert!(components.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0));
     let peak = &v["peak_memory"];
     assert_eq!(peak["source"], "process_rss");
@@ -400,7 +407,11 @@ fn bench_components_alone_leaves_the_grpc_sections_null() {
         "{stdout}"
     );
     assert!(v["g2"].is_null() && v["g3"].is_null() && v["concurrency"].is_null());
-    assert_eq!(v["components"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        v["components"].as_array().unwrap().len(),
+        8,
+        "4 per kernel mode"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_stepstream"))
         .args(["bench", "--components", "--skip-components"])

@@ -40,25 +40,19 @@ impl std::str::FromStr for KernelChoice {
 /// One kernel mode to run, with its label in the report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelRun {
-    /// The label of its rows: `fused`, `reference` or `reference (cpu)`.
+    /// The label of its rows: `fused` or `reference`.
     pub label: String,
     /// The mode set with [`kernels::set_mode`] while it runs.
     pub mode: KernelMode,
 }
 
-/// The kernel modes to run for `choice` on `device`. The fast paths exist on GPUs only, so on
-/// the CPU it is one run, labelled `reference (cpu)`, whatever was asked.
-pub fn kernel_runs(choice: KernelChoice, device: &Device) -> Vec<KernelRun> {
+/// The kernel modes to run for `choice` (both devices have fast paths: fused CUDA
+/// kernels on GPUs; the CPU's own convolution, GroupNorm and attention on the CPU).
+pub fn kernel_runs(choice: KernelChoice) -> Vec<KernelRun> {
     let run = |mode: KernelMode| KernelRun {
         label: mode.name().to_string(),
         mode,
     };
-    if device.is_cpu() {
-        return vec![KernelRun {
-            label: "reference (cpu)".into(),
-            mode: KernelMode::Reference,
-        }];
-    }
     match choice {
         KernelChoice::Fused => vec![run(KernelMode::Fused)],
         KernelChoice::Reference => vec![run(KernelMode::Reference)],
@@ -252,17 +246,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_runs_the_reference_once_whatever_is_asked() {
-        for choice in ["fused", "reference", "both"] {
-            let runs = kernel_runs(choice.parse().unwrap(), &Device::Cpu);
-            assert_eq!(
-                runs,
-                vec![KernelRun {
-                    label: "reference (cpu)".into(),
-                    mode: KernelMode::Reference
-                }]
-            );
-        }
+    fn each_choice_runs_its_modes_on_the_cpu_too() {
+        let labels = |choice: &str| -> Vec<String> {
+            kernel_runs(choice.parse().unwrap())
+                .into_iter()
+                .map(|k| k.label)
+                .collect()
+        };
+        assert_eq!(labels("fused"), ["fused"]);
+        assert_eq!(labels("reference"), ["reference"]);
+        assert_eq!(labels("both"), ["fused", "reference"]);
         assert!("fast".parse::<KernelChoice>().is_err());
     }
 }

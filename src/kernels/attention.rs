@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::cpu::{product, Operand};
+
 /// Largest score matrix (elements) the reference path materialises at once; longer query
 /// sequences are processed in row chunks so memory stays bounded (same numbers per row).
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
@@ -25,7 +27,117 @@ pub fn attention(
             return Ok(out);
         }
     }
+    if super::fused() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return cpu(q, k, v, heads, scale);
+    }
     token_major_reference(q, k, v, heads, scale, upcast)
+}
+
+/// Query rows per CPU attention task: the task's score block (`rows × keys` f32) stays a few MB
+/// while a 32×32 map at batch 2 still gives the two cores dozens of tasks.
+const CPU_QUERY_ROWS: usize = 256;
+
+/// The CPU's f32 attention without copies: per batch item, head and block of query rows, one
+/// matrix product writes the scaled scores `q kᵀ · scale` (reading the head's columns of the
+/// token-major `q` and `k` in place, no split, transpose or scale pass), the softmax runs in
+/// place, and a second product writes `probs · v` straight into the head's columns of the
+/// token-major output (no merge). f32 whatever `upcast` says, as the reference is for f32.
+fn cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (b, n, width) = q.dims3()?;
+    let m = k.dim(1)?;
+    if k.dims() != [b, m, width] || v.dims() != [b, m, width] || width % heads != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let d = width / heads;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (qd, kd, vd) = (f32s(&qs, ql)?, f32s(&ks, kl)?, f32s(&vs, vl)?);
+    let mut out = vec![0f32; b * n * width];
+    let blocks = n.div_ceil(CPU_QUERY_ROWS);
+    let out_addr = out.as_mut_ptr() as usize;
+    (0..b * heads * blocks).into_par_iter().for_each_init(
+        || vec![0f32; CPU_QUERY_ROWS * m],
+        |scores, task| {
+            let (item, rest) = (task / (heads * blocks), task % (heads * blocks));
+            let (head, block) = (rest / blocks, rest % blocks);
+            let r0 = block * CPU_QUERY_ROWS;
+            let rows = CPU_QUERY_ROWS.min(n - r0);
+            let scores = &mut scores[..rows * m];
+            let q0 = (item * n + r0) * width + head * d;
+            let kv0 = item * m * width + head * d;
+            // SAFETY: every pointer and stride stays inside its buffer: rows `r0..r0 + rows` of
+            // `q` and the output, all `m` rows of `k` and `v`, columns `head·d..(head + 1)·d`;
+            // this task alone writes those output elements, and `out` outlives the loop.
+            unsafe {
+                // scores (rows × m) = scale · q_h (rows × d) · k_hᵀ (d × m): kᵀ is `k` read
+                // with its strides swapped.
+                product(
+                    (rows, m, d),
+                    scores.as_mut_ptr(),
+                    m,
+                    Operand {
+                        ptr: qd.as_ptr().add(q0),
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    Operand {
+                        ptr: kd.as_ptr().add(kv0),
+                        row_stride: 1,
+                        col_stride: width,
+                    },
+                    scale as f32,
+                    false,
+                    1,
+                );
+            }
+            for row in scores.chunks_mut(m) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                // Divided, not multiplied by 1/sum: the reference's (and torch's) rounding.
+                row.iter_mut().for_each(|s| *s /= sum);
+            }
+            unsafe {
+                // out_h (rows × d) = probs (rows × m) · v_h (m × d)
+                product(
+                    (rows, d, m),
+                    (out_addr as *mut f32).add(q0),
+                    width,
+                    Operand {
+                        ptr: scores.as_ptr(),
+                        row_stride: m,
+                        col_stride: 1,
+                    },
+                    Operand {
+                        ptr: vd.as_ptr().add(kv0),
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    1.0,
+                    false,
+                    1,
+                );
+            }
+        },
+    );
+    drop((qs, ks, vs));
+    Tensor::from_vec(out, (b, n, width), q.device())
+}
+
+/// The f32 contents of a contiguous CPU tensor.
+fn f32s<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+    super::cpu::f32_slice(storage, layout, "attention")
 }
 
 /// [`reference`] on token-major tensors: split the heads, attend, merge them back.
@@ -101,6 +213,26 @@ fn dense(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The CPU path (the default mode) equals the reference on token-major tensors, with more
+    /// query rows than one task takes and a key count that is not a multiple of anything.
+    #[test]
+    fn the_cpu_path_matches_the_reference() {
+        let dev = Device::Cpu;
+        for (b, n, m, heads, d) in [(2, 600, 77, 8, 5), (1, 300, 300, 2, 16)] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = token_major_reference(&q, &k, &v, heads, scale, false).unwrap();
+            let got = cpu(&q, &k, &v, heads, scale).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 2e-6,
+                "{b}x{n}x{m}x{heads}x{d}"
+            );
+        }
+    }
 
     #[test]
     fn chunked_rows_give_the_dense_result() {

@@ -58,6 +58,9 @@ impl GroupNorm {
                 return Ok(out);
             }
         }
+        if super::fused() && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
+            return self.cpu(x, silu);
+        }
         let out = self.reference(x)?;
         if silu {
             out.silu()
@@ -70,6 +73,60 @@ impl GroupNorm {
     #[cfg(feature = "cuda")]
     pub(crate) fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         super::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu)
+    }
+
+    /// The CPU's f32 GroupNorm(+SiLU): per group, one pass for the mean and one for the variance
+    /// (both accumulated in f64), then one pass that normalises, applies the affine and the SiLU
+    /// into the output. The reference makes six full-size temporaries (a fresh, page-faulted
+    /// allocation each) and seven passes.
+    fn cpu(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "GroupNorm: {c} channels, weights for {}",
+                self.weight.dim(0)?
+            );
+        }
+        let plane = x.elem_count() / (b * c);
+        let per = c / self.groups;
+        let (weight, bias) = (
+            self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        );
+        let (storage, layout) = x.storage_and_layout();
+        let src = super::cpu::f32_slice(&storage, layout, "GroupNorm")?;
+        let mut out = vec![0f32; src.len()];
+        let eps = self.eps;
+        out.par_chunks_mut(per * plane)
+            .zip(src.par_chunks(per * plane))
+            .enumerate()
+            .for_each(|(i, (dst, src))| {
+                let n = src.len() as f64;
+                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+                let group = i % self.groups;
+                for (ch, (dst, src)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
+                    let (w, b) = (weight[group * per + ch], bias[group * per + ch]);
+                    // The reference's order, `(x - mean) / std · w + b`: folding it into
+                    // `x·scale + shift` rounds differently where x is close to the mean.
+                    if silu {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            let y = (v - mean) / std * w + b;
+                            *d = y / (1.0 + (-y).exp());
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = (v - mean) / std * w + b;
+                        }
+                    }
+                }
+            });
+        drop(storage);
+        Tensor::from_vec(out, dims, x.device())
     }
 
     /// The candle-op composition: per-group mean and biased variance in f32, normalise, back to

@@ -1,15 +1,19 @@
-//! The model's hot operations with two implementations each: fused CUDA kernels (attention
-//! without a materialised score matrix; GroupNorm with an optional SiLU in one pass) and the
-//! reference composition of candle ops, which is what runs on the CPU and what the fused
-//! kernels are checked against.
+//! The model's hot operations with two implementations each: our fast paths and the reference
+//! composition of candle ops that they are checked against. On CUDA the fast paths are fused
+//! kernels (attention without a materialised score matrix; GroupNorm with an optional SiLU in
+//! one pass); on the CPU in f32, 3×3 convolutions by Winograd or one direct product
+//! (`cpu_conv`), a one-pass GroupNorm(+SiLU) and attention that reads and writes the heads in
+//! place. The golden tests run the default (fast) mode.
 //!
 //! Which one runs is a process-wide switch ([`set_mode`]), so a bench can time both in one run;
-//! the fused path only ever applies where a kernel exists (CUDA, supported dtype and shape) and
-//! falls back to the reference everywhere else.
+//! the fused path only ever applies where a kernel exists (device, dtype and shape) and falls
+//! back to the reference everywhere else.
 
 mod attention;
 mod check;
 mod conv;
+mod cpu;
+mod cpu_conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
@@ -25,7 +29,9 @@ pub use group_norm::GroupNorm;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelMode {
     /// Our fast paths where they apply (the default): fused CUDA kernels and pointwise
-    /// convolutions as one matrix product on the GPU. The CPU runs the reference either way.
+    /// convolutions as one matrix product on the GPU; on the CPU in f32, 3×3 convolutions by
+    /// Winograd F(2×2, 3×3) or one direct product, a one-pass GroupNorm(+SiLU) and attention
+    /// without head copies.
     Fused,
     /// Plain candle ops everywhere (the reference).
     Reference,
