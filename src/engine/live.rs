@@ -364,17 +364,15 @@ impl<'m> Live<'m> {
             }
         };
         // A replay asked for a record records what it applied: the same edits again.
-        let kept = (self.meta.record.is_some() && changes_something(&reply)).then(|| reply.clone());
-        let control = self.check(hook, reply).map_err(|(field, reason)| {
-            let at = format!("step {step_index} ({})", hook.name());
-            EngineError::InvalidRequest {
-                field: "start.replay.edits".into(),
-                reason: format!("the edit at {at} does not fit this run: {field}: {reason}"),
-            }
-        })?;
-        if let (Some(record), Some(reply)) = (self.meta.record.as_mut(), kept) {
-            record.edits.push(reply);
-        }
+        let control = self
+            .check_and_record(hook, reply)
+            .map_err(|(field, reason)| {
+                let at = format!("step {step_index} ({})", hook.name());
+                EngineError::InvalidRequest {
+                    field: "start.replay.edits".into(),
+                    reason: format!("the edit at {at} does not fit this run: {field}: {reason}"),
+                }
+            })?;
         self.resume(now, since, on, Some(control), metrics)
     }
 
@@ -455,22 +453,7 @@ impl<'m> Live<'m> {
                     .into(),
             )),
             (Awaited::Reply(hook), ClientInput::Reply(reply)) => {
-                // Kept as sent (tensor bytes included) when a record is asked for and the reply
-                // changes something: the replay decodes the same bytes the same way.
-                let kept = self
-                    .meta
-                    .record
-                    .is_some()
-                    .then(|| changes_something(&reply).then(|| reply.clone()))
-                    .flatten();
-                let control = self.check(hook, reply)?;
-                if let (Some(record), Some(reply)) = (self.meta.record.as_mut(), kept) {
-                    record.edits.push(proto::StepReply {
-                        phase: hook.proto() as i32,
-                        ..reply
-                    });
-                }
-                Ok(Some(control))
+                self.check_and_record(hook, reply).map(Some)
             }
         }
     }
@@ -479,6 +462,27 @@ impl<'m> Live<'m> {
         self.session
             .as_mut()
             .ok_or_else(|| EngineError::Internal("the session has already finished".into()))
+    }
+
+    /// [`Self::check`], then, when a record is asked for and the reply was applied and changes
+    /// something, the reply kept as sent (tensor bytes included, its phase set to `hook`): a
+    /// replay decodes the same bytes the same way. Live replies and a replay's own edits are
+    /// recorded alike.
+    fn check_and_record(
+        &mut self,
+        hook: Hook,
+        reply: proto::StepReply,
+    ) -> Result<StepControl, (String, String)> {
+        let kept =
+            (self.meta.record.is_some() && changes_something(&reply)).then(|| proto::StepReply {
+                phase: hook.proto() as i32,
+                ..reply.clone()
+            });
+        let control = self.check(hook, reply)?;
+        if let (Some(record), Some(reply)) = (self.meta.record.as_mut(), kept) {
+            record.edits.push(reply);
+        }
+        Ok(control)
     }
 
     /// Turns a wire reply to the event at `hook` into a control, or the (field, reason) to
