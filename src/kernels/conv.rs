@@ -38,13 +38,41 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let cfg = Conv2dConfig {
+        let conv = candle_nn::conv2d(cin, cout, kernel, Self::config(stride, padding), vb)?;
+        Self::from_candle(conv, kernel, stride, padding)
+    }
+
+    /// Loads `weight` alone from `vb` (a convolution without bias).
+    pub fn load_no_bias(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let cfg = Self::config(stride, padding);
+        let conv = candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb)?;
+        Self::from_candle(conv, kernel, stride, padding)
+    }
+
+    fn config(stride: usize, padding: usize) -> Conv2dConfig {
+        Conv2dConfig {
             padding,
             stride,
             ..Default::default()
-        };
-        let conv = candle_nn::conv2d(cin, cout, kernel, cfg, vb)?;
+        }
+    }
+
+    /// The fast-path views of a loaded candle convolution.
+    fn from_candle(
+        conv: candle_nn::Conv2d,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let pointwise = if kernel == 1 && stride == 1 && padding == 0 {
+            let (cout, cin) = (conv.weight().dim(0)?, conv.weight().dim(1)?);
             Some(conv.weight().reshape((cout, cin))?)
         } else {
             None

@@ -5,8 +5,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::kernels::Conv2d;
 use serde::Deserialize;
 
 use super::{ModelError, ModelSource, Result};
@@ -88,15 +90,13 @@ pub struct TinyDecoder {
     pub dtype: DType,
 }
 
+/// A 3×3 "same" convolution: the model's shared layer, so TAESD gets the same fast paths as
+/// the VAE.
 fn conv(cin: usize, cout: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
     if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)
+        Conv2d::load(vb, cin, cout, 3, 1, 1)
     } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
+        Conv2d::load_no_bias(vb, cin, cout, 3, 1, 1)
     }
 }
 
