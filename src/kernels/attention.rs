@@ -28,9 +28,50 @@ pub fn attention(
         }
     }
     if super::fused() && q.device().is_cpu() && q.dtype() == DType::F32 {
-        return cpu(q, k, v, heads, scale);
+        return cpu(q, k, v, heads, scale, false);
     }
     token_major_reference(q, k, v, heads, scale, upcast)
+}
+
+/// [`attention`] with a causal mask (query `i` sees keys `0..=i`; CLIP's text encoder), on
+/// `q, k, v: (b, n, heads·d)`: the CPU path in f32, else the candle ops with an additive
+/// `-inf` mask (the CUDA kernel has no mask).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if super::fused() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return cpu(q, k, v, heads, scale, true);
+    }
+    causal_reference(q, k, v, heads, scale)
+}
+
+/// Heads split out, `softmax(q kᵀ · scale + mask) v`, heads merged back.
+fn causal_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, n, width) = q.dims3()?;
+    let m = k.dim(1)?;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, width / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (n, m), q.device())?.to_dtype(q.dtype())?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, width))
 }
 
 /// Query rows per CPU attention task: the task's score block (`rows × keys` f32) stays a few MB
@@ -42,7 +83,16 @@ const CPU_QUERY_ROWS: usize = 256;
 /// token-major `q` and `k` in place, no split, transpose or scale pass), the softmax runs in
 /// place, and a second product writes `probs · v` straight into the head's columns of the
 /// token-major output (no merge). f32 whatever `upcast` says, as the reference is for f32.
-fn cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// With `causal`, row `i`'s softmax covers keys `0..=i` and the rest get an exact zero: the
+/// masked reference's numbers, as `exp(-inf)` adds zeros to its sums.
+fn cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     use rayon::prelude::*;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (b, n, width) = q.dims3()?;
@@ -98,7 +148,10 @@ fn cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<T
                     1,
                 );
             }
-            for row in scores.chunks_mut(m) {
+            for (i, row) in scores.chunks_mut(m).enumerate() {
+                let seen = if causal { (r0 + i + 1).min(m) } else { m };
+                let (row, masked) = row.split_at_mut(seen);
+                masked.fill(0.0);
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for s in row.iter_mut() {
@@ -225,11 +278,31 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
             let want = token_major_reference(&q, &k, &v, heads, scale, false).unwrap();
-            let got = cpu(&q, &k, &v, heads, scale).unwrap();
+            let got = cpu(&q, &k, &v, heads, scale, false).unwrap();
             let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
             assert!(
                 diff.to_scalar::<f32>().unwrap() < 2e-6,
                 "{b}x{n}x{m}x{heads}x{d}"
+            );
+        }
+    }
+
+    /// The causal CPU path equals the masked reference, past one task's rows (so the mask's
+    /// diagonal is found by the row's global index) and at CLIP's own shape.
+    #[test]
+    fn the_causal_cpu_path_matches_the_masked_reference() {
+        let dev = Device::Cpu;
+        for (b, n, heads, d) in [(2, 77, 12, 8), (1, 300, 2, 16)] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = causal_reference(&q, &k, &v, heads, scale).unwrap();
+            let got = cpu(&q, &k, &v, heads, scale, true).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 2e-6,
+                "{b}x{n}x{heads}x{d}"
             );
         }
     }

@@ -9,6 +9,7 @@
 //! the fused path only ever applies where a kernel exists (device, dtype and shape) and falls
 //! back to the reference everywhere else.
 
+mod activation;
 mod attention;
 mod check;
 mod conv;
@@ -17,13 +18,18 @@ mod cpu_conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
+mod layer_norm;
+mod linear;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-pub use attention::attention;
+pub use activation::{geglu, quick_gelu};
+pub use attention::{attention, causal_attention};
 pub use check::{check, verify, KernelCheck};
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
+pub use layer_norm::LayerNorm;
+pub use linear::Linear;
 
 /// Which implementation of the hot operations runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

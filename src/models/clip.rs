@@ -5,10 +5,11 @@
 //! self-attention mask, a final layer norm, pooling at the first EOS token (or at the largest id for
 //! legacy configs whose `eos_token_id` is 2) and an optional bias-free `text_projection`.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::lora::layer::{self as lora, LoraLinear};
+use crate::kernels::LayerNorm;
 use serde::Deserialize;
 
 use super::{ModelError, ModelSource, Result};
@@ -108,7 +109,7 @@ pub enum ClipActivation {
 impl ClipActivation {
     fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            ClipActivation::QuickGelu => crate::kernels::quick_gelu(xs),
             ClipActivation::GeluErf => xs.gelu_erf(),
             ClipActivation::GeluTanh => xs.gelu(),
         }
@@ -175,34 +176,6 @@ fn unsupported(path: &str, reason: String) -> ModelError {
     }
 }
 
-/// Layer norm over the last dimension with a two-pass (mean, then centred variance) reduction, as torch does.
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centred = xs.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
 #[derive(Clone, Debug)]
 struct Attention {
     q_proj: LoraLinear,
@@ -210,7 +183,6 @@ struct Attention {
     v_proj: LoraLinear,
     out_proj: LoraLinear,
     num_heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -224,25 +196,16 @@ impl Attention {
             v_proj: lora::linear(h, h, vb.pp("v_proj"))?,
             out_proj: lora::linear(h, h, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
-            head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
-    /// `xs` [B, S, H]; `mask` [S, S] additive (0 / -inf).
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, s, h) = xs.dims3()?;
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+    /// Causal self-attention over `xs` [B, S, H].
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let q = self.q_proj.forward(xs)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
+        let out = crate::kernels::causal_attention(&q, &k, &v, self.num_heads, self.scale)?;
         self.out_proj.forward(&out)
     }
 }
@@ -261,19 +224,17 @@ impl EncoderLayer {
     fn new(cfg: &ClipTextConfig, act: ClipActivation, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            layer_norm1: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm2: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
             fc1: lora::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: lora::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
             act,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, mask)?;
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let attn = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
         let xs = (xs + attn)?;
         let mlp = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let mlp = self.fc2.forward(&self.act.forward(&mlp)?)?;
@@ -327,7 +288,7 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, act, tm.pp("encoder").pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(h, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?;
+        let final_layer_norm = LayerNorm::load(tm.pp("final_layer_norm"), h, cfg.layer_norm_eps)?;
         let text_projection = if vb.contains_tensor("text_projection.weight") {
             Some(candle_nn::linear_no_bias(
                 h,
@@ -371,14 +332,13 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, s)?;
         let mut xs = tokens.broadcast_add(&positions)?;
 
-        let mask = causal_mask(s, xs.dtype(), &self.device)?;
         let n = self.layers.len();
         let mut penultimate = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == n {
                 penultimate = Some(xs.clone());
             }
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs)?;
         }
         // `n >= 1` is checked by `validate`; keep a fallback rather than panicking.
         let penultimate_hidden_state = penultimate.unwrap_or_else(|| xs.clone());
@@ -422,12 +382,4 @@ fn eos_position(row: &[u32], eos_token_id: u32) -> usize {
     } else {
         row.iter().position(|&v| v == eos_token_id).unwrap_or(0)
     }
-}
-
-/// Additive causal mask [S, S]: 0 on and below the diagonal, -inf above.
-fn causal_mask(s: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (s, s), device)?.to_dtype(dtype)
 }

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, RwLock};
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// One adapter's low-rank pair on one layer.
 #[derive(Debug)]
@@ -191,7 +191,7 @@ fn rowwise_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// A Linear with a LoRA slot (a clone shares the slot).
 #[derive(Clone, Debug)]
 pub(crate) struct LoraLinear {
-    base: Linear,
+    base: crate::kernels::Linear,
     slot: Arc<LoraSlot>,
 }
 
@@ -205,7 +205,7 @@ impl Module for LoraLinear {
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LoraLinear> {
     let slot = LoraSlot::new(vb.prefix(), in_dim, out_dim);
     Ok(LoraLinear {
-        base: candle_nn::linear(in_dim, out_dim, vb)?,
+        base: crate::kernels::Linear::load(vb, in_dim, out_dim, true)?,
         slot,
     })
 }
@@ -214,7 +214,7 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Lo
 pub(crate) fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LoraLinear> {
     let slot = LoraSlot::new(vb.prefix(), in_dim, out_dim);
     Ok(LoraLinear {
-        base: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+        base: crate::kernels::Linear::load(vb, in_dim, out_dim, false)?,
         slot,
     })
 }
