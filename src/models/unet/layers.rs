@@ -268,7 +268,6 @@ impl Attention {
 struct FeedForward {
     proj: LoraLinear,
     out: LoraLinear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -277,16 +276,11 @@ impl FeedForward {
         Ok(Self {
             proj: lora::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
             out: lora::linear(inner, dim, vb.pp("net").pp("2"))?,
-            inner,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let p = self.proj.forward(x)?;
-        let h = p.narrow(D::Minus1, 0, self.inner)?;
-        let gate = p.narrow(D::Minus1, self.inner, self.inner)?;
-        // Exact erf GELU like torch's F.gelu (candle's `gelu` is the tanh approximation).
-        let h = (h * gate.gelu_erf()?)?;
+        let h = crate::kernels::geglu(&self.proj.forward(x)?)?;
         Ok(self.out.forward(&h)?)
     }
 }
