@@ -2,8 +2,9 @@
 //! composition of candle ops that they are checked against. On CUDA the fast paths are fused
 //! kernels (attention without a materialised score matrix; GroupNorm with an optional SiLU in
 //! one pass); on the CPU in f32, 3×3 convolutions by Winograd or one direct product
-//! (`cpu_conv`), a one-pass GroupNorm(+SiLU) and attention that reads and writes the heads in
-//! place. The golden tests run the default (fast) mode.
+//! (`cpu_conv`), Linears in fixed chunks on a transposed weight, one-pass GroupNorm(+SiLU),
+//! LayerNorm, quick_gelu and GEGLU, and attention (causal too) that reads and writes the heads
+//! in place. The golden tests run the default (fast) mode.
 //!
 //! Which one runs is a process-wide switch ([`set_mode`]), so a bench can time both in one run;
 //! the fused path only ever applies where a kernel exists (device, dtype and shape) and falls
@@ -36,8 +37,8 @@ pub use linear::Linear;
 pub enum KernelMode {
     /// Our fast paths where they apply (the default): fused CUDA kernels and pointwise
     /// convolutions as one matrix product on the GPU; on the CPU in f32, 3×3 convolutions by
-    /// Winograd F(2×2, 3×3) or one direct product, a one-pass GroupNorm(+SiLU) and attention
-    /// without head copies.
+    /// Winograd F(2×2, 3×3) or one direct product, chunked Linears, one-pass norms and
+    /// activations, and attention without head copies.
     Fused,
     /// Plain candle ops everywhere (the reference).
     Reference,
