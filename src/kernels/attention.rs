@@ -267,23 +267,35 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Random token-major `q (b, n, ·)`, `k, v (b, m, ·)` and the largest
+    /// difference between `path` and `reference` on them.
+    fn max_difference(
+        (b, n, m, heads, d): (usize, usize, usize, usize, usize),
+        path: impl Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+        reference: impl Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+    ) -> f32 {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = path(&q, &k, &v, scale).unwrap();
+        let want = reference(&q, &k, &v, scale).unwrap();
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap()
+    }
+
     /// The CPU path (the default mode) equals the reference on token-major tensors, with more
     /// query rows than one task takes and a key count that is not a multiple of anything.
     #[test]
     fn the_cpu_path_matches_the_reference() {
-        let dev = Device::Cpu;
-        for (b, n, m, heads, d) in [(2, 600, 77, 8, 5), (1, 300, 300, 2, 16)] {
-            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
-            let scale = 1.0 / (d as f64).sqrt();
-            let want = token_major_reference(&q, &k, &v, heads, scale, false).unwrap();
-            let got = cpu(&q, &k, &v, heads, scale, false).unwrap();
-            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(
-                diff.to_scalar::<f32>().unwrap() < 2e-6,
-                "{b}x{n}x{m}x{heads}x{d}"
+        for shape @ (_, _, _, heads, _) in [(2, 600, 77, 8, 5), (1, 300, 300, 2, 16)] {
+            let diff = max_difference(
+                shape,
+                |q, k, v, scale| cpu(q, k, v, heads, scale, false),
+                |q, k, v, scale| token_major_reference(q, k, v, heads, scale, false),
             );
+            assert!(diff < 2e-6, "{shape:?}");
         }
     }
 
@@ -291,19 +303,13 @@ mod tests {
     /// diagonal is found by the row's global index) and at CLIP's own shape.
     #[test]
     fn the_causal_cpu_path_matches_the_masked_reference() {
-        let dev = Device::Cpu;
-        for (b, n, heads, d) in [(2, 77, 12, 8), (1, 300, 2, 16)] {
-            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
-            let scale = 1.0 / (d as f64).sqrt();
-            let want = causal_reference(&q, &k, &v, heads, scale).unwrap();
-            let got = cpu(&q, &k, &v, heads, scale, true).unwrap();
-            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(
-                diff.to_scalar::<f32>().unwrap() < 2e-6,
-                "{b}x{n}x{heads}x{d}"
+        for shape @ (_, _, _, heads, _) in [(2, 77, 77, 12, 8), (1, 300, 300, 2, 16)] {
+            let diff = max_difference(
+                shape,
+                |q, k, v, scale| cpu(q, k, v, heads, scale, true),
+                |q, k, v, scale| causal_reference(q, k, v, heads, scale),
             );
+            assert!(diff < 2e-6, "{shape:?}");
         }
     }
 

@@ -53,16 +53,6 @@ impl Linear {
         })
     }
 
-    /// The weight, `(out, in)` (a transposed view on the CPU in f32).
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
-    }
-
-    /// The bias, `(out)`, if the layer has one.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
-    }
-
     /// The CPU f32 product for `x: (items, tokens, in)`: per item and chunk of output features,
     /// `out[item][:, chunk] = x[item] · wᵀ[:, chunk]`, then the bias added to the chunk while it
     /// is in cache (after the product, as the reference rounds).
@@ -78,15 +68,7 @@ impl Linear {
         let xd = f32_slice(&xs, xl, "linear")?;
         let (ws, wl) = transposed.storage_and_layout();
         let wd = f32_slice(&ws, wl, "linear")?;
-        let bias = match self.inner.bias() {
-            Some(bias) => Some(bias.contiguous()?),
-            None => None,
-        };
-        let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-        let bd = match &bias_guard {
-            Some((bs, bl)) => Some(f32_slice(bs, bl, "linear bias")?),
-            None => None,
-        };
+        let bias: Option<Vec<f32>> = self.inner.bias().map(|b| b.to_vec1()).transpose()?;
         let mut out = vec![0f32; items * tokens * n];
         let chunks = n.div_ceil(CPU_CHUNK);
         let out_addr = out.as_mut_ptr() as usize;
@@ -117,8 +99,8 @@ impl Linear {
                     false,
                     1,
                 );
-                if let Some(bd) = bd {
-                    let b = &bd[o0..o0 + width];
+                if let Some(bias) = &bias {
+                    let b = &bias[o0..o0 + width];
                     for row in 0..tokens {
                         let r = std::slice::from_raw_parts_mut(dst.add(row * n), width);
                         r.iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -126,7 +108,7 @@ impl Linear {
                 }
             }
         });
-        drop((xs, ws, bias_guard));
+        drop((xs, ws));
         Tensor::from_vec(out, (items, tokens, n), x.device())
     }
 }
